@@ -1,0 +1,173 @@
+"""Run configuration: plain pydantic models that round-trip through JSON/YAML.
+
+Everything a run does is decided here, so a run folder's `config.json` is
+enough to reproduce or resume it. Defaults are the shapes-world run that
+finishes in under 10 minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    # A misspelled key in a config file is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class FlawProfile(_Strict):
+    """Probabilities that an embedded teacher draws a prompt wrongly.
+
+    Each flaw applies to the prompts whose skill it touches: `count` to counting
+    prompts, `color` to prompts that name colours, `relation` to position
+    prompts, `shape` to any prompt.
+    """
+
+    count: float = Field(0.0, ge=0, le=1, description="count off by one")
+    color: float = Field(0.0, ge=0, le=1, description="a named colour swapped or replaced")
+    relation: float = Field(0.0, ge=0, le=1, description="relation flipped")
+    shape: float = Field(0.0, ge=0, le=1, description="one object drawn as another shape")
+
+
+class TeacherConfig(_Strict):
+    """One teacher: who it is, what it costs, how fast and how often it may be called."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    kind: Literal["embedded", "openai"] = "embedded"
+    # For kind=openai: the provider's base URL and model; the key comes from the
+    # environment variable named here, never from a file.
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    price_per_image: float = Field(0.01, ge=0)
+    latency_s: float = Field(0.02, ge=0, description="embedded server: seconds per image")
+    rpm: float = Field(6000, gt=0, description="client-side requests per minute")
+    max_in_flight: int = Field(8, ge=1)
+    # Embedded server behaviour: how it throttles and fails, so that the
+    # gateway's limits and retries meet real 429s and 5xx.
+    server_rpm: float | None = Field(None, gt=0, description="embedded server rejects above this with 429")
+    error_rate: float = Field(0.0, ge=0, le=1, description="embedded server answers 503 this often")
+    budget: float = Field(20.0, ge=0, description="most this teacher may be paid in one run")
+    seed: int = 0
+    flaws: FlawProfile = FlawProfile()
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> "TeacherConfig":
+        if self.kind == "openai" and not (self.base_url and self.model):
+            raise ValueError(f"teacher {self.name!r}: kind 'openai' needs base_url and model")
+        return self
+
+
+def default_teachers() -> list[TeacherConfig]:
+    """Three complementary teachers: each is weak at different skills, so the
+    best image among them beats any single one."""
+    return [
+        TeacherConfig(name="aurora", price_per_image=0.04, latency_s=0.03, seed=11,
+                      flaws=FlawProfile(count=0.6, relation=0.05, color=0.05, shape=0.03)),
+        TeacherConfig(name="brush", price_per_image=0.02, latency_s=0.02, seed=22,
+                      flaws=FlawProfile(color=0.6, count=0.05, relation=0.05, shape=0.03)),
+        TeacherConfig(name="canvas", price_per_image=0.03, latency_s=0.025, seed=33,
+                      flaws=FlawProfile(relation=0.6, shape=0.15, count=0.05, color=0.05)),
+    ]
+
+
+class StudentConfig(_Strict):
+    """The student denoiser and its text encoder (built from config, no hub)."""
+
+    arch: Literal["unet", "pixart"] = "unet"
+    image_size: int = Field(32, ge=16)
+    # UNet (pixel space)
+    block_channels: tuple[int, ...] = (32, 64, 96)
+    layers_per_block: int = 1
+    # PixArt (pixel space, patchified)
+    hidden_size: int = 192
+    num_layers: int = 6
+    num_heads: int = 4
+    patch_size: int = 4
+    # Text encoder over the prompt grammar's words
+    text_dim: int = 64
+    text_layers: int = 2
+    max_tokens: int = 12
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional: leave CPUs for Ray Data")
+    batch_size: int = Field(32, ge=1, description="global batch, split across workers")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 0.0
+    steps_per_round: int = Field(60, ge=1)
+    ema_max_decay: float = Field(0.999, ge=0, lt=1)
+    cond_drop: float = Field(0.1, ge=0, le=1, description="text dropped for classifier-free guidance")
+    torch_threads: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class SampleConfig(_Strict):
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(2.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class JudgeConfig(_Strict):
+    backend: Literal["scene", "openai"] = "scene"
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_s: float = Field(0.05, ge=0)
+    seed: int = 0
+
+
+class EvolutionConfig(_Strict):
+    expand_k: int = Field(3, ge=0, description="variants per prompt where the teacher wins")
+    mutate_prob: float = Field(0.2, ge=0, le=1, description="chance per round of mutation")
+    mutate_n: int = Field(4, ge=0, description="new prompts per mutation")
+    eval_fraction: float = Field(0.5, gt=0, le=1, description="share of training prompts the student is judged on")
+    max_eval: int = Field(48, ge=1)
+    max_dataset: int = Field(2000, ge=1)
+
+
+class RunConfig(_Strict):
+    run_dir: Path = Path("runs/default")
+    seed: int = 0
+    rounds: int = Field(4, ge=1)
+    seed_prompts: int = Field(48, ge=1, description="size of the seed prompt set")
+    seed_categories: tuple[str, ...] | None = None
+    heldout_per_category: int = Field(16, ge=1)
+    teachers: list[TeacherConfig] = Field(default_factory=default_teachers)
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    judge: JudgeConfig = JudgeConfig()
+    evolution: EvolutionConfig = EvolutionConfig()
+    init_checkpoint: Path | None = Field(None, description="student to start from; None = shipped base")
+    from_scratch: bool = False
+
+    @model_validator(mode="after")
+    def _unique_teachers(self) -> "RunConfig":
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}")
+        if not names:
+            raise ValueError("at least one teacher is needed")
+        return self
+
+    # -- files ---------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path | str) -> "RunConfig":
+        path = Path(path)
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        return cls.model_validate(data or {})
