@@ -81,17 +81,24 @@ class StudentConfig(_Strict):
 
     arch: Literal["unet", "pixart"] = "unet"
     image_size: int = Field(32, ge=16)
-    # UNet (pixel space)
+    # UNet (pixel space; the image is folded unet_patch x unet_patch into channels)
     block_channels: tuple[int, ...] = (32, 64, 96)
     layers_per_block: int = 1
+    unet_patch: int = Field(2, ge=1, description="pixel-unshuffle factor before the UNet")
+    attn_levels: int = Field(2, ge=0, description="lowest-resolution levels with cross-attention")
+    attention_head_dim: int = Field(16, ge=1)
+    norm_groups: int = Field(16, ge=1)
+    pooled_text: bool = Field(True, description="add the pooled prompt to the timestep embedding")
     # PixArt (pixel space, patchified)
     hidden_size: int = 192
     num_layers: int = 6
     num_heads: int = 4
     patch_size: int = 4
     # Text encoder over the prompt grammar's words
+    vocab_size: int = Field(32, ge=4, description="embedding rows; >= grammar words + 3 specials")
     text_dim: int = 64
     text_layers: int = 2
+    text_heads: int = 4
     max_tokens: int = 12
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     num_train_timesteps: int = 1000
@@ -104,10 +111,15 @@ class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="global batch, split across workers")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 0.0
+    warmup_steps: int = Field(50, ge=0, description="linear lr warm-up over the student's first steps")
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
+    t_shift: float = Field(1.0, gt=0, description="training timesteps u^(1/t_shift): >1 favours high noise")
     steps_per_round: int = Field(60, ge=1)
     ema_max_decay: float = Field(0.999, ge=0, lt=1)
     cond_drop: float = Field(0.1, ge=0, le=1, description="text dropped for classifier-free guidance")
     torch_threads: int = Field(1, ge=1)
+    report_every: int = Field(10, ge=1, description="steps between metric reports")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     seed: int = 0
 
 
@@ -149,6 +161,7 @@ class RunConfig(_Strict):
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     evolution: EvolutionConfig = EvolutionConfig()
+    serve_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port, bound on 127.0.0.1")
     init_checkpoint: Path | None = Field(None, description="student to start from; None = shipped base")
     from_scratch: bool = False
 

@@ -1,0 +1,174 @@
+"""`evolve`: the command line.
+
+    evolve run                      the main job (shapes world by default)
+    evolve eval --checkpoint DIR    score a student on the held-out set
+    evolve eval --images DIR --prompts FILE.jsonl
+    evolve generate --checkpoint DIR --prompts FILE.jsonl --out DIR
+    evolve heldout --out FILE.jsonl the held-out prompt set
+    evolve teachers serve           embedded teachers on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="EvolveDirector on Ray.")
+teachers_app = typer.Typer(no_args_is_help=True, help="Embedded teacher servers.")
+app.add_typer(teachers_app, name="teachers")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _load_config(config: Optional[Path], **overrides):
+    from pydantic import ValidationError
+
+    from evolve.config import RunConfig
+
+    try:
+        cfg = RunConfig.load(config) if config else RunConfig()
+        data = cfg.model_dump()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return RunConfig.model_validate(data)
+    except (ValidationError, ValueError, FileNotFoundError) as e:
+        _fail(f"bad configuration: {e}")
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(None, help="YAML or JSON RunConfig; defaults otherwise"),
+    run_dir: Optional[Path] = typer.Option(None, help="run folder (resumes if it holds this run)"),
+    rounds: Optional[int] = typer.Option(None, min=1),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="start from random weights, not the shipped base"),
+    init_checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint to start from"),
+    serve_port: Optional[int] = typer.Option(None, help="Serve HTTP port on 127.0.0.1"),
+):
+    """Run EvolveDirector: rounds of train, judge, evolve."""
+    from evolve.driver import EvolveRun
+    from evolve.ray_env import connect
+
+    cfg = _load_config(config, run_dir=run_dir, rounds=rounds, init_checkpoint=init_checkpoint,
+                       serve_port=serve_port, from_scratch=from_scratch or None)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    connect()
+    typer.echo(f"run folder: {Path(cfg.run_dir).resolve()}")
+    report = EvolveRun(cfg).run()
+    typer.echo(json.dumps({"final_heldout": report["student"]["final"]["overall"],
+                           "wall_s": report["wall_s"]}))
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint folder"),
+    images: Optional[Path] = typer.Option(None, help="folder of <id>.png"),
+    prompts: Optional[Path] = typer.Option(None, help="JSON lines with id and prompt (default: held-out set)"),
+    out: Optional[Path] = typer.Option(None, help="write the score report here as JSON"),
+    guidance: Optional[float] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None),
+):
+    """Score a checkpoint or a folder of images, overall and per category."""
+    import tempfile
+
+    from evolve.shapes.grammar import heldout_prompts
+    from evolve.shapes.scorer import score_folder, write_prompts_jsonl
+
+    if (checkpoint is None) == (images is None):
+        _fail("give exactly one of --checkpoint or --images")
+    with tempfile.TemporaryDirectory() as tmp:
+        if prompts is None:
+            prompts = Path(tmp) / "heldout.jsonl"
+            write_prompts_jsonl(heldout_prompts(), prompts)
+        if checkpoint is not None:
+            images = Path(tmp) / "images"
+            _generate(checkpoint, prompts, images, guidance, steps)
+        rep = score_folder(images, prompts)
+    d = rep.to_dict()
+    typer.echo(f"overall {d['overall']:.1%}  (n={d['n']})")
+    for c, a in d["per_category"].items():
+        typer.echo(f"  {c:14s} {a:.1%}")
+    if out:
+        out.write_text(json.dumps(d, indent=2))
+
+
+def _generate(checkpoint: Path, prompts: Path, out: Path, guidance, steps) -> int:
+    import torch
+
+    from evolve.config import SampleConfig
+    from evolve.shapes.render import to_png
+    from evolve.shapes.scorer import read_prompts_jsonl
+    from evolve.student.generate import generate_images
+
+    if not (checkpoint / "config.json").exists():
+        _fail(f"{checkpoint} is not a student checkpoint (no config.json)")
+    try:
+        rows = read_prompts_jsonl(prompts)
+    except (ValueError, KeyError) as e:
+        _fail(f"{prompts}: {e}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sc = SampleConfig(**{k: v for k, v in {"guidance": guidance, "steps": steps}.items() if v is not None})
+    ids = [r[0] for r in rows]
+    texts = [r[1].text for r in rows]
+    from evolve.driver import stable_seed
+
+    imgs = generate_images(str(checkpoint), texts, [stable_seed("generate", i) for i in ids], sc)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in zip(ids, imgs):
+        (out / f"{i}.png").write_bytes(to_png(img))
+    return len(ids)
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Option(..., help="student checkpoint folder (EMA weights are used)"),
+    prompts: Path = typer.Option(..., help="JSON lines with id and prompt"),
+    out: Path = typer.Option(..., help="writes OUT/<id>.png"),
+    guidance: Optional[float] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None),
+):
+    """Draw the student's images for a prompt file."""
+    n = _generate(checkpoint, prompts, out, guidance, steps)
+    typer.echo(f"wrote {n} images to {out}")
+
+
+@app.command()
+def heldout(out: Path = typer.Option(..., help="JSON lines file to write"),
+            per_category: int = typer.Option(16, min=1)):
+    """Write the held-out prompt set (balanced, fixed seed)."""
+    from evolve.shapes.grammar import heldout_prompts
+    from evolve.shapes.scorer import write_prompts_jsonl
+
+    ids = write_prompts_jsonl(heldout_prompts(per_category), out)
+    typer.echo(f"wrote {len(ids)} prompts to {out}")
+
+
+@teachers_app.command("serve")
+def teachers_serve(
+    config: Optional[Path] = typer.Option(None, help="RunConfig whose teachers to serve"),
+    size: Optional[int] = typer.Option(None, help="image side in pixels (default: the config's)"),
+    port_base: int = typer.Option(0, help="first port (0: any free ports)"),
+):
+    """Serve the embedded teachers (OpenAI Images API) on 127.0.0.1 until Ctrl-C."""
+    from serve.teachers import api_keys_from_env, serve_forever
+
+    cfg = _load_config(config)
+    embedded = [t for t in cfg.teachers if t.kind == "embedded"]
+    if not embedded:
+        _fail("the configuration has no embedded teachers")
+    serve_forever(embedded, size or cfg.student.image_size, port_base=port_base,
+                  api_keys=api_keys_from_env(embedded))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

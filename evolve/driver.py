@@ -1,0 +1,399 @@
+"""The main job: EvolveDirector rounds as one Ray program.
+
+    seed prompts -> teachers render -> judge picks best image -> v0
+    each round: train (Ray Train, fed by Ray Data) -> score on held-out set
+                -> student samples judged prompts -> judge discriminates
+                -> evolution (pure, evolve.evolution) -> teachers render new
+                prompts -> judge picks best -> next dataset version
+
+Everything a run makes lives in its run folder; a run that stopped resumes at
+the first round whose statistics are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evolve import evolution
+from evolve.config import RunConfig
+from evolve.dataset import DatasetVersions, Record, write_json_atomic
+from evolve.judging import (DiscriminateRequest, DiscriminateVerdict, ExpandRequest, MutateRequest,
+                            TeacherImage)
+from evolve.shapes.grammar import heldout_prompts, parse, sample_prompt
+from evolve.shapes.render import to_png
+from evolve.store import ImageStore
+
+log = logging.getLogger("evolve")
+
+BASE_CHECKPOINT = Path(__file__).parent / "assets" / "base_student"
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from values, the same in every process (unlike hash())."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:4], "little") >> 1
+
+
+class RunFolder:
+    """Paths of everything one run makes."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.config = self.root / "config.json"
+        self.images = self.root / "images"
+        self.ledger = self.root / "ledger.jsonl"
+        self.datasets = self.root / "datasets"
+        self.checkpoints = self.root / "checkpoints"
+        self.train_storage = self.root / "ray_train"
+        self.rounds = self.root / "rounds"
+        self.grids = self.root / "grids"
+        self.report = self.root / "report.json"
+
+    def checkpoint(self, rnd: int) -> Path:
+        return self.checkpoints / f"round_{rnd:03d}"
+
+    def round_stats(self, rnd: int) -> Path:
+        return self.rounds / f"round_{rnd:03d}.json"
+
+    def make(self) -> None:
+        for p in (self.root, self.images, self.datasets, self.checkpoints, self.rounds, self.grids):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_init_checkpoint(cfg: RunConfig) -> str | None:
+    if cfg.from_scratch:
+        return None
+    if cfg.init_checkpoint is not None:
+        if not Path(cfg.init_checkpoint, "config.json").exists():
+            raise FileNotFoundError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
+        return str(cfg.init_checkpoint)
+    if (BASE_CHECKPOINT / "config.json").exists():
+        return str(BASE_CHECKPOINT)
+    log.warning("no shipped base student at %s: starting from random weights", BASE_CHECKPOINT)
+    return None
+
+
+# --------------------------------------------------------------------------- services
+
+
+class Services:
+    """Handles to the long-lived parts: teacher gateways (actors) and the judge (Serve)."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder):
+        import ray
+        from ray import serve
+
+        from actors.teacher_gateway import start_gateway
+        from serve.judge import build_judge_app
+        from serve.teachers import EmbeddedTeacherHost
+
+        size = cfg.student.image_size
+        embedded = [t for t in cfg.teachers if t.kind == "embedded"]
+        self.teacher_host = None
+        urls: dict[str, str] = {}
+        if embedded:
+            self.teacher_host = EmbeddedTeacherHost.options(name=f"teachers-http:{folder.root.name}").remote()
+            urls = ray.get(self.teacher_host.start.remote(embedded, size))
+        self.gateways = {}
+        for t in cfg.teachers:
+            url = urls[t.name] if t.kind == "embedded" else t.base_url
+            self.gateways[t.name] = start_gateway(t, url, folder.images, folder.ledger, size)
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
+        self.judge = serve.run(build_judge_app(cfg.judge), name="judge", route_prefix="/judge")
+
+    def teacher_stats(self) -> dict[str, dict]:
+        import ray
+
+        return {n: ray.get(g.stats.remote()) for n, g in self.gateways.items()}
+
+    def buy(self, items: list[tuple[str, int]]) -> dict[str, list[dict]]:
+        """Every teacher renders every (prompt, seed); cached images cost nothing."""
+        import ray
+
+        refs = {n: g.render_many.remote(items) for n, g in self.gateways.items()}
+        return {n: ray.get(r) for n, r in refs.items()}
+
+    def discriminate(self, reqs: list[DiscriminateRequest]) -> list[DiscriminateVerdict]:
+        responses = [self.judge.discriminate.remote(r) for r in reqs]  # batched by Serve
+        return [r.result() for r in responses]
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete("judge")
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
+        for g in self.gateways.values():
+            ray.kill(g)
+        if self.teacher_host is not None:
+            ray.get(self.teacher_host.stop.remote())
+            ray.kill(self.teacher_host)
+
+
+# --------------------------------------------------------------------------- student
+
+
+def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: int,
+                init: str | None) -> Path:
+    import ray
+
+    from evolve.student.train import fit_student
+
+    store_root = str(folder.images)
+    rows = [{"prompt": r.prompt, "image_ref": r.image_ref} for r in records]
+
+    def load(batch: dict) -> dict:
+        store = ImageStore(store_root)
+        return {"prompt": batch["prompt"], "image": np.array([store.get(r) for r in batch["image_ref"]], dtype=object)}
+
+    ds = ray.data.from_items(rows).map_batches(load, batch_format="numpy")
+    out = folder.checkpoint(rnd)
+    fit_student(ds, student_cfg=cfg.student, train_cfg=cfg.train, steps=cfg.train.steps_per_round,
+                storage_path=str(folder.train_storage), name=f"round_{rnd:03d}",
+                init_checkpoint=init, out_dir=str(out))
+    return out
+
+
+def sample_student(cfg: RunConfig, checkpoint: str | None, prompts: list[str], seeds: list[int]) -> list[bytes]:
+    """Student images as PNG bytes, sampled in a Ray task (EMA weights)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def _sample(ckpt, prompts, seeds, student_cfg, sample_cfg):
+        import torch
+
+        from evolve.student.diffusion import sample
+        from evolve.student.model import Student
+
+        torch.set_num_threads(2)
+        student = Student.from_pretrained(ckpt) if ckpt else Student.from_config(student_cfg)
+        imgs = sample(student.eval(), prompts, seeds, sample_cfg)
+        return [to_png(i) for i in imgs]
+
+    if not prompts:
+        return []
+    return ray.get(_sample.remote(checkpoint, prompts, seeds, cfg.student, cfg.sample))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class EvolveRun:
+    def __init__(self, cfg: RunConfig, progress=print):
+        self.cfg = cfg
+        self.folder = RunFolder(cfg.run_dir)
+        self.versions = DatasetVersions(self.folder.datasets)
+        self.store = ImageStore(self.folder.images)
+        self.say = progress
+        self.heldout = [p.text for p in heldout_prompts(cfg.heldout_per_category, seed=1234)]
+
+    # -- setup / resume -------------------------------------------------------
+    def _check_config(self) -> None:
+        self.folder.make()
+        if self.folder.config.exists():
+            old = RunConfig.load(self.folder.config)
+            mine = self.cfg.model_dump(exclude={"rounds"})
+            theirs = old.model_dump(exclude={"rounds"})
+            if mine != theirs:
+                diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+                raise ValueError(f"run folder {self.folder.root} holds a run with another config "
+                                 f"(differs in {diff}); use a new --run-dir")
+        self.cfg.save(self.folder.config)
+
+    def first_unfinished_round(self) -> int:
+        r = 0
+        while self.folder.round_stats(r).exists():
+            r += 1
+        return r
+
+    # -- pieces -----------------------------------------------------------------
+    def acquire(self, svc: Services, cands: list[evolution.NewPrompt], rnd: int,
+                checkpoint: str | None) -> list[Record]:
+        """Teachers render new prompts; the judge picks each prompt's best image."""
+        if not cands:
+            return []
+        seeds = [stable_seed(self.cfg.seed, c.prompt, rnd) for c in cands]
+        bought = svc.buy([(c.prompt, s) for c, s in zip(cands, seeds)])
+        student = sample_student(self.cfg, checkpoint, [c.prompt for c in cands], seeds)
+        keep, reqs, refs = [], [], []
+        for i, c in enumerate(cands):
+            ok = {t: res[i] for t, res in bought.items() if "ref" in res[i]}
+            if not ok:
+                errs = {t: res[i].get("error") for t, res in bought.items()}
+                log.warning("no teacher delivered %r: %s", c.prompt, errs)
+                continue
+            keep.append(i)
+            refs.append({t: r["ref"] for t, r in ok.items()})
+            reqs.append(DiscriminateRequest(
+                prompt=c.prompt, student_image=student[i],
+                teacher_images=[TeacherImage(teacher=t, image=self.store.get(r["ref"])) for t, r in ok.items()]))
+        verdicts = svc.discriminate(reqs)
+        return evolution.select_records(
+            [cands[i] for i in keep], [seeds[i] for i in keep], verdicts, refs,
+            [parse(cands[i].prompt).category for i in keep], rnd)
+
+    def seed_set(self, svc: Services, init: str | None) -> None:
+        rng = np.random.default_rng(self.cfg.seed)
+        cats = self.cfg.seed_categories
+        prompts: list[str] = []
+        tries = 0
+        while len(prompts) < self.cfg.seed_prompts and tries < 100 * self.cfg.seed_prompts:
+            tries += 1
+            cat = None if cats is None else cats[int(rng.integers(len(cats)))]
+            p = sample_prompt(rng, cat).text
+            if p not in prompts and p not in self.heldout:
+                prompts.append(p)
+        records = self.acquire(svc, [evolution.NewPrompt(p, "seed") for p in prompts], 0, init)
+        self.versions.write(0, records, {"round": 0})
+        self.say(f"seed set: {len(records)} prompts, version v0000")
+
+    def score_heldout(self, checkpoint: str | None, rnd: int | str) -> dict:
+        from evolve.shapes.render import from_png
+        from evolve.shapes.scorer import score
+
+        seeds = [stable_seed("heldout", i) for i in range(len(self.heldout))]
+        pngs = sample_student(self.cfg, checkpoint, self.heldout, seeds)
+        imgs = [from_png(p) for p in pngs]
+        save_grid(imgs[:: max(1, len(imgs) // 48)][:48], self.folder.grids / f"round_{rnd}.png")
+        return score(self.heldout, imgs).to_dict()
+
+    def judge_round(self, svc: Services, records: list[Record], ckpt: str, rnd: int):
+        rng = np.random.default_rng(stable_seed(self.cfg.seed, "eval", rnd))
+        judged = evolution.choose_eval_records(records, self.cfg.evolution, rng)
+        student = sample_student(self.cfg, ckpt, [r.prompt for r in judged], [r.seed for r in judged])
+        # All teachers' images of these prompts were bought when the prompt joined:
+        # the gateways answer from the ledger, nothing is paid again.
+        bought = svc.buy([(r.prompt, r.seed) for r in judged])
+        reqs = []
+        for i, r in enumerate(judged):
+            imgs = [TeacherImage(teacher=t, image=self.store.get(res[i]["ref"]))
+                    for t, res in bought.items() if "ref" in res[i]]
+            reqs.append(DiscriminateRequest(prompt=r.prompt, student_image=student[i], teacher_images=imgs))
+        verdicts = svc.discriminate(reqs)
+        plan, stats = evolution.plan_round(judged, verdicts, self.cfg.evolution, rng)
+        return judged, plan, stats
+
+    def evolve(self, svc: Services, records: list[Record], plan: evolution.RoundPlan, rnd: int,
+               ckpt: str) -> tuple[list[Record], list[Record]]:
+        by_id = {r.id: r for r in records}
+        expansions = {}
+        futures = {rid: svc.judge.expand.remote(ExpandRequest(
+            prompt=by_id[rid].prompt, k=self.cfg.evolution.expand_k, seed=stable_seed(rid, rnd)))
+            for rid in plan.expand_ids}
+        for rid, f in futures.items():
+            expansions[rid] = f.result()
+        mutation = None
+        if plan.mutate and self.cfg.evolution.mutate_n > 0:
+            mutation = svc.judge.mutate.remote(MutateRequest(
+                avoid_prompts=sorted({r.prompt for r in records}), n=self.cfg.evolution.mutate_n,
+                seed=stable_seed(self.cfg.seed, "mutate", rnd))).result()
+        existing = {r.prompt for r in records} | set(self.heldout)
+        cands = evolution.new_prompts(expansions, mutation, existing)
+        added = self.acquire(svc, cands, rnd + 1, ckpt)
+        nxt = evolution.apply_delta(records, plan.delete_ids, added, self.cfg.evolution.max_dataset)
+        return nxt, added
+
+    # -- main -------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._check_config()
+        init = resolve_init_checkpoint(cfg)
+        start = self.first_unfinished_round()
+        t0 = time.time()
+        svc = Services(cfg, self.folder)
+        try:
+            if self.versions.latest() is None:
+                self.seed_set(svc, init)
+            baseline_path = self.folder.rounds / "baseline.json"
+            if not baseline_path.exists():
+                acc = self.score_heldout(init, "init")
+                write_json_atomic(baseline_path, {"heldout": acc})
+                self.say(f"start: held-out accuracy {acc['overall']:.1%}")
+            for rnd in range(start, cfg.rounds):
+                ckpt = self.play_round(svc, rnd, init)
+                init = ckpt
+            report = self.final_report(svc, time.time() - t0)
+        finally:
+            svc.close()
+        return report
+
+    def play_round(self, svc: Services, rnd: int, init: str | None) -> str:
+        cfg = self.cfg
+        t = time.time()
+        if rnd > 0:
+            init = str(self.folder.checkpoint(rnd - 1))
+        records = self.versions.read(rnd)
+        ckpt = str(train_round(cfg, self.folder, records, rnd, init))
+        t_train = time.time() - t
+        acc = self.score_heldout(ckpt, rnd)
+        judged, plan, stats = self.judge_round(svc, records, ckpt, rnd)
+        added: list[Record] = []
+        last = rnd == cfg.rounds - 1
+        if not last:  # the last round judges but buys nothing it would not train on
+            nxt, added = self.evolve(svc, records, plan, rnd, ckpt)
+            if self.versions.latest() == rnd:
+                self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
+        teachers = svc.teacher_stats()
+        row = {
+            "round": rnd,
+            "dataset_size": len(records),
+            "judged": stats.judged,
+            "student_win_rate": stats.student_win_rate,
+            "teacher_wins": stats.teacher_wins,
+            "deleted": len(plan.delete_ids),
+            "expanded_from": len(plan.expand_ids),
+            "mutated": plan.mutate,
+            "added": {op: sum(1 for a in added if a.op == op) for op in ("expand", "mutate")},
+            "images_bought": sum(s["paid_calls"] for s in teachers.values()),
+            "spend": {n: round(s["spent"], 4) for n, s in teachers.items()},
+            "heldout": acc,
+            "train_s": round(t_train, 1),
+            "round_s": round(time.time() - t, 1),
+        }
+        write_json_atomic(self.folder.round_stats(rnd), row)
+        self.say(f"round {rnd}: held-out {acc['overall']:.1%}  student wins {stats.student_win_rate:.0%}"
+                 f"  dataset {len(records)} -> +{len(added)} -{len(plan.delete_ids)}"
+                 f"  bought {row['images_bought']}  spend ${sum(row['spend'].values()):.2f}"
+                 f"  ({row['round_s']:.0f} s)")
+        return ckpt
+
+    def final_report(self, svc: Services, wall_s: float) -> dict:
+        from evolve.report import write_report
+
+        seeds = [stable_seed("heldout", i) for i in range(len(self.heldout))]
+        bought = svc.buy(list(zip(self.heldout, seeds)))
+        from evolve.shapes.render import from_png
+        from evolve.shapes.scorer import score
+
+        teachers = {}
+        for t, res in bought.items():
+            imgs = [from_png(self.store.get(r["ref"])) if "ref" in r else np.zeros((1, 1, 3), np.uint8)
+                    for r in res]
+            teachers[t] = score(self.heldout, imgs).to_dict()
+        return write_report(self.folder, teachers, svc.teacher_stats(), wall_s, self.say)
+
+
+def save_grid(images: list[np.ndarray], path: Path, scale: int = 3) -> None:
+    from PIL import Image
+
+    if not images:
+        return
+    n = len(images)
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    h, w, _ = images[0].shape
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 64, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = im
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)

@@ -1,0 +1,79 @@
+"""The run's final report: per-round statistics, held-out scores, a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from evolve.dataset import write_json_atomic
+
+
+def load_rounds(rounds_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(rounds_dir.glob("round_*.json"))]
+
+
+def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dict], wall_s: float,
+                 say=print) -> dict:
+    """Write report.json, report.md and accuracy.png into the run folder."""
+    rounds = load_rounds(folder.rounds)
+    baseline = json.loads((folder.rounds / "baseline.json").read_text())["heldout"]
+    curve = [baseline["overall"]] + [r["heldout"]["overall"] for r in rounds]
+    report = {
+        "wall_s": round(wall_s, 1),
+        "student": {
+            "start": baseline,
+            "final": rounds[-1]["heldout"] if rounds else baseline,
+            "heldout_by_round": curve,
+        },
+        "teachers": teachers,
+        "teacher_stats": teacher_stats,
+        "rounds": rounds,
+        "total_images_bought": sum(s["paid_calls"] for s in teacher_stats.values()),
+        "total_spend": round(sum(s["spent"] for s in teacher_stats.values()), 4),
+    }
+    write_json_atomic(folder.report, report)
+    (folder.root / "report.md").write_text(_markdown(report))
+    _plot(curve, teachers, folder.root / "accuracy.png")
+    say(f"report: {folder.report}")
+    say(f"held-out accuracy by round: " + " -> ".join(f"{a:.1%}" for a in curve))
+    for t, s in teachers.items():
+        say(f"teacher {t}: held-out {s['overall']:.1%}")
+    return report
+
+
+def _markdown(rep: dict) -> str:
+    cats = sorted(rep["student"]["final"]["per_category"])
+    head = "| model | overall | " + " | ".join(cats) + " |\n|---|---|" + "---|" * len(cats) + "\n"
+
+    def row(name, s):
+        return f"| {name} | {s['overall']:.1%} | " + " | ".join(
+            f"{s['per_category'].get(c, 0):.1%}" for c in cats) + " |\n"
+
+    out = ["# Run report\n", f"Wall time {rep['wall_s']:.0f} s; images bought {rep['total_images_bought']}; "
+           f"spend ${rep['total_spend']:.2f}.\n\n## Held-out accuracy\n", head,
+           row("student (start)", rep["student"]["start"]), row("student (final)", rep["student"]["final"])]
+    out += [row(f"teacher {t}", s) for t, s in rep["teachers"].items()]
+    out.append("\n## Rounds\n| round | held-out | student win rate | dataset | bought | spend |\n|---|---|---|---|---|---|\n")
+    for r in rep["rounds"]:
+        out.append(f"| {r['round']} | {r['heldout']['overall']:.1%} | {r['student_win_rate']:.0%} | "
+                   f"{r['dataset_size']} | {r['images_bought']} | ${sum(r['spend'].values()):.2f} |\n")
+    return "".join(out)
+
+
+def _plot(curve: list[float], teachers: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(-1, len(curve) - 1), curve, marker="o", label="student")
+    for t, s in teachers.items():
+        ax.axhline(s["overall"], ls="--", lw=1, label=f"teacher {t}", color=None)
+    ax.set_xlabel("round (-1 = start)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,79 @@
+"""Content-addressed image store: bytes in, sha256 hex digest out.
+
+A ref names its bytes forever, so `put` is idempotent and two runs (or two
+gateways) that buy the same image share one file. Files live in sharded
+folders (`ab/abcdef....png`) so no folder grows huge. A write lands in a temp
+file in the target folder, is fsynced, then renamed into place: a reader sees
+either the whole image or none, even after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_REF = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ImageStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def ref_of(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def path(self, ref: str) -> Path:
+        # Refs become paths: refuse anything that is not a digest (no "../").
+        if not _REF.match(ref):
+            raise ValueError(f"not an image ref (64 lower-case hex digits): {ref!r}")
+        return self.root / ref[:2] / f"{ref}.png"
+
+    def has(self, ref: str) -> bool:
+        return self.path(ref).is_file()
+
+    def put(self, data: bytes) -> str:
+        ref = self.ref_of(data)
+        final = self.path(ref)
+        if final.is_file():
+            return ref
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{ref[:8]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_dir(final.parent)
+        return ref
+
+    def get(self, ref: str) -> bytes:
+        try:
+            return self.path(ref).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(f"image {ref} is not in the store at {self.root}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; best effort where directories can't be opened.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,375 @@
+"""Embedded teachers: shapes-world renderers behind the OpenAI Images API.
+
+Each teacher is a real HTTP server on 127.0.0.1, so the gateways meet the
+same protocol, throttling and failures as with a paid provider:
+
+    POST /v1/images/generations  {"model", "prompt", "n", "size": "32x32",
+                                  "response_format": "b64_json", "seed"}
+        -> 200 {"created", "data": [{"b64_json", "flaws"}]}
+    GET  /v1/models              -> the one teacher, as a model
+    GET  /health                 -> {"status": "ok"}
+    GET  /stats                  -> request/status/concurrency counters (for tests and dashboards)
+
+`seed` and the per-image `flaws` list are extensions (OpenAI has neither).
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}:
+400 bad JSON / size / prompt outside the grammar, 401 wrong key, 404 unknown
+model, 429 above `server_rpm` (with Retry-After), 503 at `error_rate`.
+
+Ways to run them: `build_teacher_app` (one aiohttp app), `TeacherServers`
+(async, all teachers on free ports), `TeacherServersThread` (the same for
+synchronous code), `EmbeddedTeacherHost` (a Ray actor that hosts them, visible
+on the dashboard), and `serve_forever` (the `evolve teachers serve` CLI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import math
+import os
+import random
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ray
+from aiohttp import web
+
+from evolve.config import TeacherConfig
+from evolve.shapes.grammar import PromptError, parse
+from evolve.shapes.render import teacher_render, to_png
+
+log = logging.getLogger(__name__)
+
+MAX_N = 10  # OpenAI's limit on images per request
+
+
+class _TeacherState:
+    """Per-server counters and limits (one event loop, so no locks)."""
+
+    def __init__(self, cfg: TeacherConfig, size: int, api_key: str | None, rate_window_s: float) -> None:
+        self.cfg = cfg
+        self.size = size
+        self.api_key = api_key
+        self.window_s = rate_window_s
+        # server_rpm scaled to the window (at least one request per window); a short
+        # window lets tests see 429s and Retry-After in under a second.
+        self.limit = (max(1, int(cfg.server_rpm * rate_window_s / 60.0))
+                      if cfg.server_rpm is not None else None)
+        self.accepted: deque[float] = deque()
+        self.rng = random.Random(cfg.seed)
+        self.statuses: Counter[int] = Counter()
+        self.requests = 0
+        self.images = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def admit(self, now: float) -> float | None:
+        """Sliding window: None if the request may go on, else seconds until it could."""
+        if self.limit is None:
+            return None
+        while self.accepted and self.accepted[0] <= now - self.window_s:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.limit:
+            return self.accepted[0] + self.window_s - now
+        self.accepted.append(now)
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"teacher": self.cfg.name, "requests": self.requests, "images": self.images,
+                "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                "statuses": {str(k): v for k, v in sorted(self.statuses.items())}}
+
+
+_STATE = web.AppKey("teacher_state", _TeacherState)
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None,
+           param: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _bad_request(message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    return _error(400, message, "invalid_request_error", code, param)
+
+
+@web.middleware
+async def _auth_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    st = request.app[_STATE]
+    if request.path.startswith("/v1/") and st.api_key is not None:
+        auth = request.headers.get("Authorization", "")
+        given = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), st.api_key.encode()):
+            # Never echo the key back (OpenAI echoes a masked one; we echo nothing).
+            resp: web.StreamResponse = _error(401, "Incorrect API key provided.",
+                                              "invalid_request_error", "invalid_api_key")
+            st.statuses[resp.status] += 1
+            return resp
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:  # aiohttp's own 404/405, answered in OpenAI's shape
+        resp = _error(exc.status, exc.reason, "invalid_request_error")
+    except Exception:
+        log.exception("teacher %s: internal error", st.cfg.name)
+        resp = _error(500, "The server had an error processing your request.", "server_error")
+    st.statuses[resp.status] += 1
+    return resp
+
+
+async def _generations(request: web.Request) -> web.Response:
+    st = request.app[_STATE]
+    st.requests += 1
+    st.in_flight += 1
+    st.max_in_flight = max(st.max_in_flight, st.in_flight)
+    try:
+        return await _generate(request, st)
+    finally:
+        st.in_flight -= 1
+
+
+async def _generate(request: web.Request, st: _TeacherState) -> web.Response:
+    cfg = st.cfg
+    wait = st.admit(asyncio.get_running_loop().time())
+    if wait is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000))}
+        return _error(429, f"Rate limit reached for {cfg.name}: {cfg.server_rpm:g} requests per minute. "
+                      f"Please try again in {wait:.2f}s.", "requests", "rate_limit_exceeded",
+                      headers=headers)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _bad_request(f"We could not parse the JSON body of your request: {exc}", code="invalid_json")
+    if not isinstance(body, dict):
+        return _bad_request("The request body must be a JSON object.", code="invalid_json")
+
+    model = body.get("model", cfg.name)
+    if model not in (cfg.name, cfg.model):
+        return _error(404, f"The model '{model}' does not exist; this server is '{cfg.name}'.",
+                      "invalid_request_error", "model_not_found", "model")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        return _bad_request("'prompt' must be a non-empty string.", "prompt")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        return _bad_request(f"'n' must be an integer from 1 to {MAX_N}, got {n!r}.", "n")
+    want = f"{st.size}x{st.size}"
+    if body.get("size", want) != want:
+        return _bad_request(f"Invalid size {body.get('size')!r}: {cfg.name} draws {want}.", "size")
+    if body.get("response_format", "b64_json") != "b64_json":
+        return _bad_request("Only response_format 'b64_json' is supported.", "response_format")
+    seed = body.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return _bad_request(f"'seed' must be an integer, got {seed!r}.", "seed")
+    try:
+        parsed = parse(prompt)
+    except PromptError as exc:
+        return _bad_request(f"Invalid prompt {prompt!r}: {exc}", "prompt", "invalid_prompt")
+
+    if cfg.error_rate and st.rng.random() < cfg.error_rate:
+        return _error(503, "The engine is currently overloaded, please try again later.",
+                      "server_error", "overloaded")
+    await asyncio.sleep(cfg.latency_s * n)  # drawing takes time, as a real model's would
+    data = []
+    for i in range(n):
+        arr, fired = teacher_render(parsed, seed + i, st.size, cfg.flaws, cfg.seed)
+        data.append({"b64_json": base64.b64encode(to_png(arr)).decode("ascii"), "flaws": list(fired)})
+    st.images += n
+    return web.json_response({"created": int(time.time()), "data": data})
+
+
+async def _models(request: web.Request) -> web.Response:
+    cfg = request.app[_STATE].cfg
+    return web.json_response({"object": "list", "data": [
+        {"id": cfg.name, "object": "model", "created": 0, "owned_by": "evolve-director"}]})
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "teacher": request.app[_STATE].cfg.name})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_STATE].stats())
+
+
+def build_teacher_app(cfg: TeacherConfig, size: int, *, api_key: str | None = None,
+                      rate_window_s: float = 60.0) -> web.Application:
+    """One teacher's server. With `api_key`, /v1/* requires `Authorization: Bearer <key>`.
+    `rate_window_s` shortens the sliding window of `server_rpm` (same rate) for tests."""
+    app = web.Application(middlewares=[_auth_and_errors])
+    app[_STATE] = _TeacherState(cfg, size, api_key, rate_window_s)
+    app.router.add_post("/v1/images/generations", _generations)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/stats", _stats)
+    return app
+
+
+def api_keys_from_env(configs: Iterable[TeacherConfig]) -> dict[str, str]:
+    """The key each teacher's server demands: the one its gateway will send."""
+    return {c.name: os.environ[c.api_key_env] for c in configs
+            if c.api_key_env and os.environ.get(c.api_key_env)}
+
+
+def _as_configs(configs: Iterable[TeacherConfig | Mapping[str, Any]]) -> list[TeacherConfig]:
+    return [c if isinstance(c, TeacherConfig) else TeacherConfig.model_validate(c) for c in configs]
+
+
+class TeacherServers:
+    """All embedded teachers of a run, each on its own port, in the current event loop."""
+
+    def __init__(self) -> None:
+        self._runners: dict[str, web.AppRunner] = {}
+        self._apps: dict[str, web.Application] = {}
+        self._urls: dict[str, str] = {}
+
+    async def start(self, configs: Iterable[TeacherConfig | Mapping[str, Any]], size: int, *,
+                    host: str = "127.0.0.1", port_base: int = 0,
+                    api_keys: Mapping[str, str] | None = None,
+                    rate_window_s: float = 60.0) -> dict[str, str]:
+        """Start a server per embedded teacher (kind 'openai' ones are remote: skipped).
+        Port 0 lets the OS choose; else teacher i gets port_base + i.
+        `api_keys` None: take each key from the teacher's `api_key_env`; {}: no auth."""
+        cfgs = [c for c in _as_configs(configs) if c.kind == "embedded"]
+        keys = api_keys_from_env(cfgs) if api_keys is None else dict(api_keys)
+        try:
+            for i, cfg in enumerate(cfgs):
+                app = build_teacher_app(cfg, size, api_key=keys.get(cfg.name), rate_window_s=rate_window_s)
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                self._runners[cfg.name] = runner
+                sock = _bind(host, port_base + i if port_base else 0)
+                await web.SockSite(runner, sock).start()
+                self._apps[cfg.name] = app
+                self._urls[cfg.name] = f"http://{host}:{sock.getsockname()[1]}/v1"
+        except BaseException:
+            await self.stop()
+            raise
+        return dict(self._urls)
+
+    def urls(self) -> dict[str, str]:
+        return dict(self._urls)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {name: app[_STATE].stats() for name, app in self._apps.items()}
+
+    async def stop(self) -> None:
+        runners, self._runners = self._runners, {}
+        self._apps, self._urls = {}, {}
+        for runner in runners.values():
+            await runner.cleanup()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class TeacherServersThread:
+    """`TeacherServers` on a background thread's event loop, for synchronous callers.
+
+        with TeacherServersThread(cfgs, 32) as urls: ...
+    """
+
+    def __init__(self, configs: Iterable[TeacherConfig | Mapping[str, Any]], size: int, **start_kw: Any) -> None:
+        self._args = (list(configs), size)
+        self._kw = start_kw
+        self._servers = TeacherServers()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 30.0) -> dict[str, str]:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-servers", daemon=True)
+        self._thread.start()
+        coro = self._servers.start(*self._args, **self._kw)
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def urls(self) -> dict[str, str]:
+        return self._servers.urls()
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        assert self._loop is not None, "not started"
+        async def read() -> dict[str, dict[str, Any]]:
+            return self._servers.stats()
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._servers.stop(), loop).result(timeout_s)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout_s)
+            loop.close()
+
+    def __enter__(self) -> dict[str, str]:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TeacherHost:
+    """Hosts all embedded teacher servers inside one process (see EmbeddedTeacherHost)."""
+
+    def __init__(self) -> None:
+        self._servers = TeacherServers()
+
+    async def start(self, configs: list[TeacherConfig | Mapping[str, Any]], size: int,
+                    api_keys: Mapping[str, str] | None = None,
+                    rate_window_s: float = 60.0) -> dict[str, str]:
+        await self._servers.stop()  # idempotent restart
+        return await self._servers.start(configs, size, api_keys=api_keys, rate_window_s=rate_window_s)
+
+    async def urls(self) -> dict[str, str]:
+        return self._servers.urls()
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        return self._servers.stats()
+
+    async def stop(self) -> None:
+        await self._servers.stop()
+
+
+# An async actor: its event loop keeps serving HTTP between method calls.
+# Rendering 32x32 shapes is cheap, so a sliver of a CPU is enough.
+EmbeddedTeacherHost = ray.remote(num_cpus=0.05, max_concurrency=100)(TeacherHost)
+
+
+def serve_forever(configs: Iterable[TeacherConfig | Mapping[str, Any]], size: int,
+                  host: str = "127.0.0.1", port_base: int = 0,
+                  api_keys: Mapping[str, str] | None = None) -> None:
+    """Run the teachers until Ctrl-C; prints "<name> <base_url>" per teacher."""
+    async def main() -> None:
+        servers = TeacherServers()
+        urls = await servers.start(configs, size, host=host, port_base=port_base, api_keys=api_keys)
+        try:
+            for name, url in urls.items():
+                print(f"{name} {url}", flush=True)
+            await asyncio.Event().wait()
+        finally:
+            await servers.stop()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,295 @@
+"""Embedded teacher servers, the Images API client and the teacher gateway,
+over real HTTP on 127.0.0.1. Gateways run as plain objects in an event loop
+(fast); one integration test runs them, and the teacher host, as Ray actors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+import urllib.request
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+
+from actors.openai_images import TeacherHTTPError, generate_image
+from actors.teacher_gateway import BudgetExceeded, TeacherGateway, TeacherGatewayError, start_gateway
+from evolve.config import TeacherConfig
+from evolve.ledger import Ledger
+from evolve.shapes.render import from_png
+from evolve.store import ImageStore
+from serve.teachers import EmbeddedTeacherHost, TeacherServers, TeacherServersThread
+
+GOOD = "a red square and a blue triangle"
+BAD = "a purple circle"  # "purple" is not a colour of the shapes world
+
+
+def teacher(name: str = "tutor", **kw: Any) -> TeacherConfig:
+    kw.setdefault("latency_s", 0.0)
+    kw.setdefault("price_per_image", 0.01)
+    return TeacherConfig(name=name, **kw)
+
+
+@contextlib.asynccontextmanager
+async def serving(cfg: TeacherConfig, **kw: Any) -> AsyncIterator[tuple[TeacherServers, str]]:
+    servers = TeacherServers()
+    urls = await servers.start([cfg], 32, **kw)
+    try:
+        yield servers, urls[cfg.name]
+    finally:
+        await servers.stop()
+
+
+def gateway(cfg: TeacherConfig, url: str, tmp_path, **kw: Any) -> TeacherGateway:
+    kw = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0, **kw}
+    return TeacherGateway(cfg, url, tmp_path / "images", tmp_path / "ledger.jsonl", 32, **kw)
+
+
+async def post(url: str, body: Any, key: str | None = None) -> tuple[int, dict, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/images/generations", data=data, headers=headers) as r:
+            return r.status, dict(r.headers), await r.json()
+
+
+def req(prompt: str = GOOD, **kw: Any) -> dict[str, Any]:
+    return {"model": "tutor", "prompt": prompt, "n": 1, "size": "32x32",
+            "response_format": "b64_json", "seed": 0, **kw}
+
+
+# -- the server ----------------------------------------------------------------
+
+def test_server_returns_pngs_that_decode():
+    async def main() -> None:
+        async with serving(teacher()) as (servers, url):
+            status, _, body = await post(url, req(n=2, seed=5))
+            assert status == 200 and isinstance(body["created"], int) and len(body["data"]) == 2
+            a, b = (from_png(base64.b64decode(d["b64_json"]), 32) for d in body["data"])
+            assert a.shape == (32, 32, 3) and a.any() and (a != b).any()  # seeds 5 and 6 differ
+            # Same seed, same image: n=2 from seed 5 starts with the image for seed 5.
+            _, _, one = await post(url, req(seed=5))
+            assert one["data"][0]["b64_json"] == body["data"][0]["b64_json"]
+            async with aiohttp.ClientSession() as s:
+                async with s.get(url + "/models") as r:
+                    assert [m["id"] for m in (await r.json())["data"]] == ["tutor"]
+                async with s.get(url.removesuffix("/v1") + "/health") as r:
+                    assert r.status == 200
+            assert servers.stats()["tutor"]["images"] == 3
+    asyncio.run(main())
+
+
+def test_server_rejects_bad_requests_in_openai_format():
+    async def main() -> None:
+        async with serving(teacher()) as (_, url):
+            status, _, body = await post(url, req(BAD))
+            assert status == 400 and "purple" in body["error"]["message"]
+            assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "prompt"
+            status, _, body = await post(url, req(size="64x64"))
+            assert status == 400 and "size" in body["error"]["message"].lower()
+            status, _, body = await post(url, b"{not json")
+            assert status == 400 and body["error"]["code"] == "invalid_json"
+            status, _, body = await post(url, req(model="dall-e-3"))
+            assert status == 404 and body["error"]["code"] == "model_not_found"
+    asyncio.run(main())
+
+
+def test_server_throttles_with_retry_after():
+    async def main() -> None:
+        async with serving(teacher(server_rpm=2)) as (_, url):
+            assert (await post(url, req()))[0] == 200
+            assert (await post(url, req()))[0] == 200
+            status, headers, body = await post(url, req())
+            assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+            assert 1 <= int(headers["Retry-After"]) <= 60
+    asyncio.run(main())
+
+
+def test_server_and_client_auth_never_leak_the_key():
+    async def main() -> None:
+        async with serving(teacher(), api_keys={"tutor": "sk-server-secret"}) as (_, url):
+            assert (await post(url, req(), key="sk-server-secret"))[0] == 200
+            status, _, body = await post(url, req(), key="sk-wrong")
+            assert status == 401 and body["error"]["code"] == "invalid_api_key"
+            assert (await post(url, req()))[0] == 401
+            async with aiohttp.ClientSession() as s:
+                with pytest.raises(TeacherHTTPError) as info:
+                    await generate_image(s, url, "tutor", GOOD, 0, 32, "sk-wrong-key-123", 5.0)
+            err = info.value
+            assert err.status == 401 and not err.retryable
+            assert "sk-wrong-key-123" not in str(err) + repr(err)
+            async with aiohttp.ClientSession() as s:  # nothing listens there: retryable
+                with pytest.raises(TeacherHTTPError) as info:
+                    await generate_image(s, "http://127.0.0.1:9/v1", "tutor", GOOD, 0, 32, "sk-x", 2.0)
+            assert info.value.status is None and info.value.retryable
+    asyncio.run(main())
+
+
+def test_servers_on_a_thread_for_sync_callers():
+    with TeacherServersThread([teacher("one"), teacher("two")], 32) as urls:
+        assert set(urls) == {"one", "two"} and all(u.startswith("http://127.0.0.1:") for u in urls.values())
+        with urllib.request.urlopen(urls["two"].removesuffix("/v1") + "/health", timeout=5) as r:
+            assert json.load(r)["teacher"] == "two"
+
+
+# -- the gateway ---------------------------------------------------------------
+
+def test_gateway_keeps_to_rpm_and_max_in_flight(tmp_path):
+    async def main() -> None:
+        cfg = teacher(rpm=600, latency_s=0.0)  # one request per 0.1 s
+        async with serving(cfg) as (servers, url):
+            gw = gateway(cfg, url, tmp_path / "rpm")
+            t0 = time.monotonic()
+            out = await gw.render_many([(GOOD, s) for s in range(6)])
+            assert time.monotonic() - t0 >= 0.45 and all("ref" in r for r in out)
+            await gw.close()
+
+        cfg = teacher(max_in_flight=2, latency_s=0.1)
+        async with serving(cfg) as (servers, url):
+            gw = gateway(cfg, url, tmp_path / "slots")
+            t0 = time.monotonic()
+            out = await gw.render_many([(GOOD, s) for s in range(6)])
+            assert time.monotonic() - t0 >= 0.28 and all("ref" in r for r in out)
+            assert servers.stats()["tutor"]["max_in_flight"] == 2
+            await gw.close()
+    asyncio.run(main())
+
+
+def test_gateway_retries_503_and_honours_retry_after(tmp_path):
+    async def main() -> None:
+        # The server's 503s come from Random(seed): seed 2 answers 3 of its first 15
+        # requests with 503, so no request can run out of its 6 attempts.
+        cfg = teacher(error_rate=0.3, seed=2)
+        async with serving(cfg) as (servers, url):
+            gw = gateway(cfg, url, tmp_path / "503")
+            out = await gw.render_many([(GOOD, s) for s in range(12)])
+            assert all("ref" in r for r in out), out
+            n503 = servers.stats()["tutor"]["statuses"].get("503", 0)
+            assert n503 > 0 and gw.stats()["retries"] == n503 and gw.stats()["paid_calls"] == 12
+            await gw.close()
+
+        # One request per 0.5 s window; the gateway's own backoff (<= 0.05 s) would
+        # burn its 6 attempts in well under a window, so success needs Retry-After.
+        cfg = teacher(server_rpm=120)
+        async with serving(cfg, rate_window_s=0.5) as (servers, url):
+            gw = gateway(cfg, url, tmp_path / "429")
+            t0 = time.monotonic()
+            out = await gw.render_many([(GOOD, s) for s in range(3)])
+            assert all("ref" in r for r in out), out
+            assert time.monotonic() - t0 >= 0.95
+            assert gw.stats()["throttled_429"] >= 2 and servers.stats()["tutor"]["images"] == 3
+            await gw.close()
+    asyncio.run(main())
+
+
+def test_gateway_never_pays_twice(tmp_path):
+    async def main() -> None:
+        cfg = teacher(latency_s=0.05)
+        async with serving(cfg) as (servers, url):
+            gw = gateway(cfg, url, tmp_path)
+            together = await asyncio.gather(*(gw.render(GOOD, 7) for _ in range(5)))
+            assert len({r["ref"] for r in together}) == 1
+            assert sorted(r["cached"] for r in together) == [False] + [True] * 4
+            later = await gw.render(GOOD, 7)
+            assert later["cached"] and later["ref"] == together[0]["ref"]
+            await gw.close()
+
+            again = gateway(cfg, url, tmp_path)  # a restart: only the ledger remembers
+            assert (await again.render(GOOD, 7))["cached"]
+            assert again.stats()["spent"] == pytest.approx(0.01) and again.stats()["paid_calls"] == 0
+            await again.close()
+            assert servers.stats()["tutor"]["images"] == 1
+        assert Ledger(tmp_path / "ledger.jsonl").spent() == pytest.approx(0.01)
+        assert ImageStore(tmp_path / "images").has(together[0]["ref"])
+    asyncio.run(main())
+
+
+def test_gateway_never_exceeds_budget_under_concurrency(tmp_path):
+    async def main() -> None:
+        cfg = teacher(budget=0.05, latency_s=0.05)
+        async with serving(cfg) as (servers, url):
+            gw = gateway(cfg, url, tmp_path)
+            out = await gw.render_many([(GOOD, s) for s in range(20)])
+            ok = [r for r in out if "ref" in r]
+            refused = [r for r in out if r.get("error_type") == "BudgetExceeded"]
+            assert len(ok) == 5 and len(refused) == 15 and "budget" in refused[0]["error"]
+            assert gw.stats()["spent"] == pytest.approx(0.05)
+            assert servers.stats()["tutor"]["requests"] == 5
+            await gw.close()
+
+            again = gateway(cfg, url, tmp_path)  # the spend survives a restart
+            assert (await again.render(GOOD, ok[0]["seed"]))["cached"]  # bought images stay free
+            with pytest.raises(BudgetExceeded):
+                await again.render(GOOD, 99)
+            await again.close()
+    asyncio.run(main())
+
+
+def test_gateway_does_not_retry_permanent_errors(tmp_path):
+    async def main() -> None:
+        cfg = teacher()
+        async with serving(cfg) as (servers, url):
+            gw = gateway(cfg, url, tmp_path)
+            bad, good = await gw.render_many([(BAD, 0), (GOOD, 0)])
+            assert bad["error_type"] == "TeacherGatewayError" and "purple" in bad["error"]
+            assert "ref" in good
+            assert servers.stats()["tutor"]["requests"] == 2
+            assert gw.stats()["retries"] == 0 and gw.stats()["errors"] == 1
+            with pytest.raises(TeacherGatewayError) as info:
+                await gw.render(BAD, 1)
+            assert info.value.status == 400 and info.value.permanent
+            await gw.close()
+    asyncio.run(main())
+
+
+def test_gateway_never_reveals_the_api_key(tmp_path, monkeypatch, caplog):
+    async def main() -> None:
+        cfg = teacher(api_key_env="EVOLVE_TEST_TEACHER_KEY")
+        async with serving(cfg, api_keys={"tutor": "sk-right-secret"}) as (_, url):
+            monkeypatch.setenv("EVOLVE_TEST_TEACHER_KEY", "sk-client-wrong-secret")
+            gw = gateway(cfg, url, tmp_path)
+            with pytest.raises(TeacherGatewayError) as info:
+                await gw.render(GOOD, 0)
+            [bad] = await gw.render_many([(GOOD, 1)])
+            text = str(info.value) + repr(info.value) + json.dumps(bad) + json.dumps(gw.stats())
+            assert info.value.status == 401 and "401" in bad["error"]
+            assert "secret" not in text and "secret" not in caplog.text
+            await gw.close()
+
+            monkeypatch.setenv("EVOLVE_TEST_TEACHER_KEY", "sk-right-secret")
+            gw = gateway(cfg, url, tmp_path)
+            assert "ref" in await gw.render(GOOD, 0)
+            await gw.close()
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+
+
+# -- as Ray actors -------------------------------------------------------------
+
+@pytest.mark.integration
+def test_gateway_and_teacher_host_as_ray_actors(ray_local, tmp_path):
+    ray = ray_local
+    host = EmbeddedTeacherHost.options(name="embedded-teachers-test").remote()
+    cfg = teacher("rayed", latency_s=0.01)
+    try:
+        urls = ray.get(host.start.remote([cfg], 32))
+        assert ray.get(host.urls.remote()) == urls
+        gw = start_gateway(cfg, urls["rayed"], tmp_path / "images", tmp_path / "ledger.jsonl", 32)
+        assert ray.get_actor("teacher:rayed") is not None
+        out = ray.get(gw.render_many.remote([(GOOD, 0), (GOOD, 1), (GOOD, 0), (BAD, 0)]))
+        assert [("ref" in r) for r in out] == [True, True, True, False]
+        assert out[0]["ref"] == out[2]["ref"]
+        stats = ray.get(gw.stats.remote())
+        assert stats["paid_calls"] == 2 and stats["spent"] == pytest.approx(0.02)
+        with pytest.raises(TeacherGatewayError):  # typed errors survive the trip through Ray
+            ray.get(gw.render.remote(BAD, 2))
+        assert ray.get(host.stats.remote())["rayed"]["images"] == 2
+        assert ImageStore(tmp_path / "images").has(out[1]["ref"])
+        ray.kill(gw)
+    finally:
+        ray.get(host.stop.remote())
+        ray.kill(host)
