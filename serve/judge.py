@@ -1,0 +1,151 @@
+"""The judge as a Ray Serve deployment.
+
+    handle = serve.run(build_judge_app(cfg), name="judge", route_prefix="/judge")
+    verdict = await handle.discriminate.remote(DiscriminateRequest(...))
+    variants = await handle.expand.remote(ExpandRequest(...))
+    new = await handle.mutate.remote(MutateRequest(...))
+
+`discriminate` calls from many callers are gathered into batches
+(`JudgeConfig.max_batch_size`, `batch_wait_s`) and handed to the backend as
+one list, so a VLM backend can run them as one forward pass. Over HTTP, POST
+JSON `{"op": "discriminate" | "expand" | "mutate", ...fields}` to the route;
+image fields are base64 strings. The logic lives in `serve/judge_backends.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from evolve.config import JudgeConfig
+from evolve.judging import (
+    DiscriminateRequest,
+    DiscriminateVerdict,
+    ExpandRequest,
+    ExpandResult,
+    MutateRequest,
+    MutateResult,
+)
+from serve.judge_backends import make_backend
+
+# Serve caps a batch at max_ongoing_requests; build_judge_app raises it with the batch size.
+MIN_ONGOING_REQUESTS = 64
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=MIN_ONGOING_REQUESTS)
+class Judge:
+    def __init__(self, cfg: JudgeConfig) -> None:
+        self.cfg = cfg
+        self.backend = make_backend(cfg)
+        self._discriminate_batch.set_max_batch_size(cfg.max_batch_size)
+        self._discriminate_batch.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self._batches = 0
+        self._requests = 0
+        self._max_batch_seen = 0
+
+    # -- the three duties --------------------------------------------------------
+    async def discriminate(self, req: DiscriminateRequest) -> DiscriminateVerdict:
+        out = await self._discriminate_batch(req)
+        if isinstance(out, Exception):  # a bad request fails alone, not its batch
+            raise out
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)  # reset from cfg in __init__
+    async def _discriminate_batch(
+        self, reqs: list[DiscriminateRequest]
+    ) -> list[DiscriminateVerdict | Exception]:
+        self._batches += 1
+        self._requests += len(reqs)
+        self._max_batch_seen = max(self._max_batch_seen, len(reqs))
+        return await asyncio.to_thread(self._run_batch, reqs)
+
+    def _run_batch(self, reqs: list[DiscriminateRequest]) -> list[DiscriminateVerdict | Exception]:
+        try:
+            return list(self.backend.discriminate(reqs))
+        except Exception:  # noqa: BLE001 - find which request failed, answer the others
+            out: list[DiscriminateVerdict | Exception] = []
+            for r in reqs:
+                try:
+                    out.append(self.backend.discriminate([r])[0])
+                except Exception as e:  # noqa: BLE001
+                    out.append(e)
+            return out
+
+    async def expand(self, req: ExpandRequest) -> ExpandResult:
+        return await asyncio.to_thread(self.backend.expand, req)
+
+    async def mutate(self, req: MutateRequest) -> MutateResult:
+        return await asyncio.to_thread(self.backend.mutate, req)
+
+    async def stats(self) -> dict[str, int]:
+        """Batching so far: discriminate batches run, requests in them, largest batch."""
+        return {"batches": self._batches, "requests": self._requests,
+                "max_batch_seen": self._max_batch_seen, "max_batch_size": self.cfg.max_batch_size}
+
+    # -- HTTP ------------------------------------------------------------------------
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _error(400, f"body is not JSON: {e}")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object with an 'op' field")
+        op = body.pop("op", None)
+        try:
+            if op == "discriminate":
+                result: BaseModel = await self.discriminate(
+                    DiscriminateRequest.model_validate(_unbase64(body)))
+            elif op == "expand":
+                result = await self.expand(ExpandRequest.model_validate(body))
+            elif op == "mutate":
+                result = await self.mutate(MutateRequest.model_validate(body))
+            else:
+                return _error(400, f"unknown op {op!r}; expected 'discriminate', 'expand' or 'mutate'")
+        except (ValidationError, ValueError) as e:  # ValidationError is a ValueError; kept explicit
+            return _error(400, str(e))
+        return JSONResponse(result.model_dump(mode="json"))
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _b64(value: Any, field: str) -> Any:
+    if not isinstance(value, str):
+        return value  # let pydantic report the wrong type
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{field} is not valid base64: {e}") from e
+
+
+def _unbase64(body: dict[str, Any]) -> dict[str, Any]:
+    """Decode the base64 image fields of a JSON discriminate request."""
+    out = dict(body)
+    if "student_image" in out:
+        out["student_image"] = _b64(out["student_image"], "student_image")
+    if isinstance(out.get("teacher_images"), list):
+        out["teacher_images"] = [
+            {**t, "image": _b64(t["image"], f"teacher_images[{i}].image")}
+            if isinstance(t, dict) and "image" in t else t
+            for i, t in enumerate(out["teacher_images"])
+        ]
+    return out
+
+
+def build_judge_app(cfg: JudgeConfig | dict[str, Any]) -> serve.Application:
+    """The judge application for `cfg` (a JudgeConfig or its dict, so it also
+    works as a Serve config-file builder: `import_path: serve.judge:build_judge_app`)."""
+    cfg = JudgeConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    make_backend(cfg)  # fail here, in the driver, on a backend that cannot be built
+    return Judge.options(
+        max_ongoing_requests=max(MIN_ONGOING_REQUESTS, 2 * cfg.max_batch_size),
+    ).bind(cfg)
