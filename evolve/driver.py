@@ -155,7 +155,9 @@ def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: i
         store = ImageStore(store_root)
         return {"prompt": batch["prompt"], "image": np.array([store.get(r) for r in batch["image_ref"]], dtype=object)}
 
-    ds = ray.data.from_items(rows).map_batches(load, batch_format="numpy")
+    # A sliver of CPU per Data task: with 2 CPUs the train workers' share plus
+    # the actors leave less than one whole CPU, and a 1-CPU Data task would wait forever.
+    ds = ray.data.from_items(rows).map_batches(load, batch_format="numpy", num_cpus=0.25)
     out = folder.checkpoint(rnd)
     fit_student(ds, student_cfg=cfg.student, train_cfg=cfg.train, steps=cfg.train.steps_per_round,
                 storage_path=str(folder.train_storage), name=f"round_{rnd:03d}",
@@ -336,12 +338,11 @@ class EvolveRun:
         t_train = time.time() - t
         acc = self.score_heldout(ckpt, rnd)
         judged, plan, stats = self.judge_round(svc, records, ckpt, rnd)
-        added: list[Record] = []
-        last = rnd == cfg.rounds - 1
-        if not last:  # the last round judges but buys nothing it would not train on
-            nxt, added = self.evolve(svc, records, plan, rnd, ckpt)
-            if self.versions.latest() == rnd:
-                self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
+        # The last round evolves too: its version is the run's evolved dataset,
+        # and a run resumed with more rounds trains on it.
+        nxt, added = self.evolve(svc, records, plan, rnd, ckpt)
+        if self.versions.latest() == rnd:  # a resumed round may have written it already
+            self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
         teachers = svc.teacher_stats()
         row = {
             "round": rnd,
