@@ -100,7 +100,8 @@ class StudentConfig(_Strict):
     text_layers: int = 2
     text_heads: int = 4
     max_tokens: int = 12
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "sample", description="x0: learns global structure fastest in pixel space here")
     num_train_timesteps: int = 1000
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
 
@@ -115,7 +116,7 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
     t_shift: float = Field(1.0, gt=0, description="training timesteps u^(1/t_shift): >1 favours high noise")
     steps_per_round: int = Field(60, ge=1)
-    ema_max_decay: float = Field(0.999, ge=0, lt=1)
+    ema_max_decay: float = Field(0.995, ge=0, lt=1, description="decay warms up as (1+n)/(10+n) to this")
     cond_drop: float = Field(0.1, ge=0, le=1, description="text dropped for classifier-free guidance")
     torch_threads: int = Field(1, ge=1)
     report_every: int = Field(10, ge=1, description="steps between metric reports")
