@@ -149,6 +149,39 @@ def heldout(out: Path = typer.Option(..., help="JSON lines file to write"),
     typer.echo(f"wrote {len(ids)} prompts to {out}")
 
 
+@app.command("pretrain-base")
+def pretrain_base_cmd(
+    work_dir: Path = typer.Option(Path("runs/base"), help="training folder; run again to resume"),
+    steps: int = typer.Option(4000, min=1, help="total optimizer steps"),
+    per_prompt: int = typer.Option(160, min=1, help="renders per curriculum prompt"),
+    export: Optional[Path] = typer.Option(None, help="also write the shippable checkpoint here "
+                                          "(e.g. evolve/assets/base_student)"),
+    config: Optional[Path] = typer.Option(None, help="RunConfig whose student/train sections to use"),
+    lr: Optional[float] = typer.Option(None),
+    checkpoint_every: int = typer.Option(200, min=1),
+):
+    """Train the shapes-world base student (Ray Train), resumable."""
+    from evolve.pretrain import export_base, pretrain_base, sample_check
+    from evolve.ray_env import connect
+
+    cfg = _load_config(config)
+    train = cfg.train.model_copy(update={"checkpoint_every": checkpoint_every,
+                                         **({"lr": lr} if lr is not None else {})})
+    connect()
+    final = pretrain_base(work_dir, student_cfg=cfg.student, train_cfg=train, steps=steps,
+                          per_prompt=per_prompt, seed=cfg.seed)
+    typer.echo(f"base checkpoint: {final}")
+    target = Path(final)
+    if export is not None:
+        digest = export_base(Path(final), export)
+        typer.echo(f"exported to {export} (model.safetensors sha256 {digest})")
+        target = export
+    acc = sample_check(target)
+    (Path(work_dir) / "heldout.json").write_text(json.dumps(acc, indent=2))
+    typer.echo(f"held-out overall {acc['overall']:.1%}: " +
+               ", ".join(f"{c} {a:.0%}" for c, a in acc["per_category"].items()))
+
+
 @teachers_app.command("serve")
 def teachers_serve(
     config: Optional[Path] = typer.Option(None, help="RunConfig whose teachers to serve"),

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from evolve import evolution
-from evolve.config import RunConfig
+from evolve.config import RunConfig, StudentConfig
 from evolve.dataset import DatasetVersions, Record, write_json_atomic
 from evolve.judging import (DiscriminateRequest, DiscriminateVerdict, ExpandRequest, MutateRequest,
                             TeacherImage)
@@ -165,25 +165,31 @@ def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: i
     return out
 
 
+def _sample_pngs(ckpt: str | None, prompts: list[str], seeds: list[int], student_cfg, sample_cfg) -> list[bytes]:
+    import torch
+
+    from evolve.student.diffusion import sample
+    from evolve.student.generate import load_student
+    from evolve.student.model import Student
+
+    torch.set_num_threads(2)
+    student = load_student(ckpt) if ckpt else Student.from_config(student_cfg).eval()
+    return [to_png(i) for i in sample(student, prompts, seeds, sample_cfg)]
+
+
+_sample_task = None
+
+
 def sample_student(cfg: RunConfig, checkpoint: str | None, prompts: list[str], seeds: list[int]) -> list[bytes]:
-    """Student images as PNG bytes, sampled in a Ray task (EMA weights)."""
+    """Student images as PNG bytes, sampled in a Ray task from the EMA weights."""
     import ray
 
-    @ray.remote(num_cpus=1)
-    def _sample(ckpt, prompts, seeds, student_cfg, sample_cfg):
-        import torch
-
-        from evolve.student.diffusion import sample
-        from evolve.student.model import Student
-
-        torch.set_num_threads(2)
-        student = Student.from_pretrained(ckpt) if ckpt else Student.from_config(student_cfg)
-        imgs = sample(student.eval(), prompts, seeds, sample_cfg)
-        return [to_png(i) for i in imgs]
-
+    global _sample_task
     if not prompts:
         return []
-    return ray.get(_sample.remote(checkpoint, prompts, seeds, cfg.student, cfg.sample))
+    if _sample_task is None:
+        _sample_task = ray.remote(num_cpus=1)(_sample_pngs)
+    return ray.get(_sample_task.remote(checkpoint, prompts, seeds, cfg.student, cfg.sample))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -252,7 +258,7 @@ class EvolveRun:
             tries += 1
             cat = None if cats is None else cats[int(rng.integers(len(cats)))]
             p = sample_prompt(rng, cat).text
-            if p not in prompts and p not in self.heldout:
+            if p not in prompts:
                 prompts.append(p)
         records = self.acquire(svc, [evolution.NewPrompt(p, "seed") for p in prompts], 0, init)
         self.versions.write(0, records, {"round": 0})
@@ -298,7 +304,7 @@ class EvolveRun:
             mutation = svc.judge.mutate.remote(MutateRequest(
                 avoid_prompts=sorted({r.prompt for r in records}), n=self.cfg.evolution.mutate_n,
                 seed=stable_seed(self.cfg.seed, "mutate", rnd))).result()
-        existing = {r.prompt for r in records} | set(self.heldout)
+        existing = {r.prompt for r in records}
         cands = evolution.new_prompts(expansions, mutation, existing)
         added = self.acquire(svc, cands, rnd + 1, ckpt)
         nxt = evolution.apply_delta(records, plan.delete_ids, added, self.cfg.evolution.max_dataset)
@@ -306,9 +312,15 @@ class EvolveRun:
 
     # -- main -------------------------------------------------------------------
     def run(self) -> dict:
+        init = resolve_init_checkpoint(self.cfg)
+        if init is not None:
+            # The student's architecture is the checkpoint's, whatever the config says.
+            arch = StudentConfig.model_validate_json(Path(init, "config.json").read_text())
+            if arch != self.cfg.student:
+                log.info("student architecture taken from %s", init)
+                self.cfg = self.cfg.model_copy(update={"student": arch})
         cfg = self.cfg
         self._check_config()
-        init = resolve_init_checkpoint(cfg)
         start = self.first_unfinished_round()
         t0 = time.time()
         svc = Services(cfg, self.folder)

@@ -29,6 +29,8 @@ def connect(num_cpus: int | None = None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                 include_dashboard=False, _node_ip_address="127.0.0.1")
+        # The dashboard (127.0.0.1:8265) shows the teacher actors, the judge and
+        # training; Train's state API needs it too.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     return ray

@@ -1,0 +1,172 @@
+"""Diffusion around the student: the training loss, classifier-free guidance,
+sampling and an EMA of the weights.
+
+Images live in [-1, 1] (black background = -1). The forward process is
+diffusers' `DDPMScheduler` with the config's beta schedule (cosine by
+default); the student predicts `prediction_type` (eps, v or x0). Sampling is
+DPM-Solver++ with classifier-free guidance and x0 clipped to [-1, 1] at every
+step (`thresholding=True, sample_max_value=1.0`), which in pixel space is what
+keeps backgrounds black: without it the x0 implied by an eps/v prediction near
+t = T is divided by a tiny alpha and explodes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evolve.config import SampleConfig, StudentConfig
+
+
+# -- noise -------------------------------------------------------------------
+def make_noise_scheduler(cfg: StudentConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+def make_sample_scheduler(cfg: StudentConfig, steps: int):
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type, algorithm_type="dpmsolver++", solver_order=2,
+        thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
+        lower_order_final=True, final_sigmas_type="zero")
+    sched.set_timesteps(steps)
+    return sched
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, shift: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training timesteps. shift == 1: uniform. shift > 1 moves mass to high
+    noise (u -> u^(1/shift)), where the global layout of a scene is decided."""
+    u = torch.rand(n, generator=generator)
+    if shift != 1.0:
+        u = u ** (1.0 / shift)
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+
+
+def drop_prompts(prompts: list[str], p: float, rng: random.Random) -> list[str]:
+    """Classifier-free guidance training: replace a prompt by "" with chance p."""
+    return ["" if rng.random() < p else s for s in prompts]
+
+
+def training_loss(student: nn.Module, noise_scheduler, images: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, prediction_type: str, t_shift: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """MSE between the student's prediction and its target at random timesteps.
+
+    `student` may be wrapped (DDP): it is only called. images in [-1, 1]."""
+    b = images.shape[0]
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+    t = sample_timesteps(b, noise_scheduler.config.num_train_timesteps, t_shift, generator)
+    noisy = noise_scheduler.add_noise(images, noise, t)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(images, noise, t)
+    elif prediction_type == "sample":
+        target = images
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    pred = student(noisy, t, input_ids, attention_mask)
+    return F.mse_loss(pred.float(), target.float())
+
+
+# -- sampling ----------------------------------------------------------------
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One independent noise tensor per seed: an image depends only on its own
+    prompt and seed, never on the batch it is drawn in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def sample(student, prompts: list[str], seeds: list[int], cfg: SampleConfig | None = None) -> np.ndarray:
+    """Draw one image per (prompt, seed): uint8 (N, S, S, 3)."""
+    cfg = cfg or SampleConfig()
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    scfg = student.config
+    S = scfg.image_size
+    out = []
+    was_training = student.training
+    student.eval()
+    try:
+        for i in range(0, len(prompts), cfg.batch_size):
+            ps, ss = list(prompts[i:i + cfg.batch_size]), list(seeds[i:i + cfg.batch_size])
+            out.append(_sample_batch(student, ps, ss, cfg, S))
+    finally:
+        student.train(was_training)
+    if not out:
+        return np.zeros((0, S, S, 3), np.uint8)
+    return np.concatenate(out)
+
+
+def _sample_batch(student, prompts, seeds, cfg: SampleConfig, S: int) -> np.ndarray:
+    n = len(prompts)
+    sched = make_sample_scheduler(student.config, cfg.steps)
+    x = initial_noise(seeds, (3, S, S)) * sched.init_noise_sigma
+    ids, mask = student.encode_prompts(prompts)
+    guided = cfg.guidance != 1.0
+    if guided:
+        uids, umask = student.encode_prompts([""] * n)
+        ids, mask = torch.cat([ids, uids]), torch.cat([mask, umask])
+    for t in sched.timesteps:
+        xin = torch.cat([x, x]) if guided else x
+        tt = torch.full((xin.shape[0],), int(t), dtype=torch.long)
+        pred = student(sched.scale_model_input(xin, t), tt, ids, mask)
+        if guided:
+            cond, uncond = pred.chunk(2)
+            pred = uncond + cfg.guidance * (cond - uncond)
+        x = sched.step(pred, t, x).prev_sample
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return img.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# -- EMA ---------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a module's floating-point tensors, with
+    the decay warmed up as min(max_decay, (1 + n) / (10 + n)) so that a short
+    run does not keep most of the random init."""
+
+    def __init__(self, model: nn.Module, max_decay: float = 0.999):
+        self.max_decay = max_decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def decay(self) -> float:
+        n = self.num_updates
+        return min(self.max_decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.decay()
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if s.is_floating_point():
+                s.lerp_(v.detach(), 1.0 - d)
+            else:
+                s.copy_(v)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor], num_updates: int | None = None) -> None:
+        missing = set(self.shadow) ^ set(sd)
+        if missing:
+            raise KeyError(f"EMA state does not match the model: {sorted(missing)[:5]}")
+        for k, v in sd.items():
+            self.shadow[k].copy_(v)
+        if num_updates is not None:
+            self.num_updates = num_updates
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.shadow)

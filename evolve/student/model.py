@@ -1,0 +1,154 @@
+"""The student: a small text encoder plus a pixel-space denoiser.
+
+    Student(cfg)(x_t, t, input_ids, attention_mask) -> prediction (B, 3, S, S)
+
+Two denoisers, both built from config with random weights (no hub):
+
+- arch="unet" (default): diffusers `UNet2DConditionModel`. The image is first
+  folded 2x2 into channels (pixel-unshuffle, `unet_patch`), so a 32x32x3 image
+  is a 16x16x12 tensor and every conv runs on a quarter of the pixels; flat
+  shapes of radius >= 3 px lose nothing. Cross-attention to the prompt tokens
+  in the lower `attn_levels` levels and the mid block; the pooled prompt ([BOS]
+  state) is also added to the timestep embedding (`class_embed_type=
+  "projection"`), which carries the global facts (how many, which shape) to
+  every resnet.
+- arch="pixart": diffusers `PixArtTransformer2DModel` on `patch_size` patches,
+  cross-attending to the prompt tokens.
+
+Checkpoint layout (`save_pretrained`): config.json (StudentConfig),
+tokenizer.json, model.safetensors (raw weights) and ema.safetensors (EMA
+weights, when an EMA is given). `from_pretrained(dir)` loads EMA by default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from evolve.config import StudentConfig
+from evolve.student.text import TextEncoder, build_tokenizer, load_tokenizer, tokenize
+
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+WEIGHTS_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
+
+
+def _build_unet(cfg: StudentConfig):
+    from diffusers import UNet2DConditionModel
+
+    p = cfg.unet_patch
+    n = len(cfg.block_channels)
+    attn = [i >= n - cfg.attn_levels for i in range(n)]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // p,
+        in_channels=3 * p * p,
+        out_channels=3 * p * p,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn" if cfg.attn_levels > 0 else None,
+        block_out_channels=tuple(cfg.block_channels),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_groups,
+        cross_attention_dim=cfg.text_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        class_embed_type="projection" if cfg.pooled_text else None,
+        projection_class_embeddings_input_dim=cfg.text_dim if cfg.pooled_text else None,
+    )
+
+
+def _build_pixart(cfg: StudentConfig):
+    from diffusers import PixArtTransformer2DModel
+
+    assert cfg.hidden_size % cfg.num_heads == 0, "hidden_size must divide by num_heads"
+    return PixArtTransformer2DModel(
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=3,
+        out_channels=3,
+        num_layers=cfg.num_layers,
+        cross_attention_dim=cfg.text_dim,
+        sample_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        norm_num_groups=1,
+        use_additional_conditions=False,
+        caption_channels=None,
+    )
+
+
+class Student(nn.Module):
+    def __init__(self, config: StudentConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(max_length=config.max_tokens)
+        if len(self.tokenizer) > config.vocab_size:
+            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, config.vocab_size is {config.vocab_size}")
+        self.text = TextEncoder(config.vocab_size, config.text_dim, config.text_layers,
+                                config.text_heads, config.max_tokens)
+        if config.arch == "unet":
+            self.denoiser = _build_unet(config)
+        elif config.arch == "pixart":
+            self.denoiser = _build_pixart(config)
+        else:  # pragma: no cover - pydantic rejects it first
+            raise ValueError(f"unknown arch {config.arch!r}")
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: StudentConfig | dict, tokenizer=None) -> "Student":
+        if isinstance(config, dict):
+            config = StudentConfig.model_validate(config)
+        return cls(config, tokenizer)
+
+    def save_pretrained(self, directory: str | Path, ema: "nn.Module | dict | None" = None) -> Path:
+        """Write config.json, tokenizer.json, model.safetensors and, if `ema` (an
+        EMA object, a module or a state dict) is given, ema.safetensors."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONFIG_NAME).write_text(self.config.model_dump_json(indent=2))
+        self.tokenizer.backend_tokenizer.save(str(d / TOKENIZER_NAME))
+        save_file(_contiguous(self.state_dict()), str(d / WEIGHTS_NAME))
+        if ema is not None:
+            sd = ema if isinstance(ema, dict) else ema.state_dict()
+            save_file(_contiguous(sd), str(d / EMA_NAME))
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, ema: bool = True) -> "Student":
+        """Load a checkpoint directory; EMA weights when present and `ema`."""
+        d = Path(directory)
+        config = StudentConfig.model_validate(json.loads((d / CONFIG_NAME).read_text()))
+        tok = load_tokenizer(d / TOKENIZER_NAME, config.max_tokens) if (d / TOKENIZER_NAME).exists() else None
+        student = cls(config, tok)
+        path = d / EMA_NAME if ema and (d / EMA_NAME).exists() else d / WEIGHTS_NAME
+        student.load_state_dict(load_file(str(path)))
+        return student
+
+    # -- running --------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokenize(self.tokenizer, prompts, self.config.max_tokens)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        h, mask = self.text(input_ids, attention_mask)
+        if self.config.arch == "unet":
+            p = self.config.unet_patch
+            xs = F.pixel_unshuffle(x, p) if p > 1 else x
+            out = self.denoiser(xs, t, encoder_hidden_states=h, encoder_attention_mask=mask,
+                                class_labels=h[:, 0] if self.config.pooled_text else None).sample
+            return F.pixel_shuffle(out, p) if p > 1 else out
+        return self.denoiser(x, encoder_hidden_states=h, timestep=t, encoder_attention_mask=mask,
+                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}

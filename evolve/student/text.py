@@ -1,0 +1,83 @@
+"""Text side of the student: a word-level tokenizer over the prompt grammar and a
+small transformer encoder.
+
+The shapes world has a closed vocabulary of a couple of dozen words, so the
+tokenizer is built offline from `evolve.shapes.grammar.vocabulary()` (no hub):
+one id per word plus [PAD] (0), [UNK] (1) and [BOS] (2). Every sequence starts
+with [BOS]; its hidden state doubles as the pooled prompt embedding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+PAD, UNK, BOS = "[PAD]", "[UNK]", "[BOS]"
+SPECIAL_TOKENS = (PAD, UNK, BOS)
+
+
+def grammar_vocabulary() -> list[str]:
+    from evolve.shapes.grammar import vocabulary
+
+    return sorted(set(vocabulary()))
+
+
+def build_tokenizer(words: Iterable[str] | None = None, max_length: int = 12):
+    """A `PreTrainedTokenizerFast` with one id per grammar word (sorted, so ids
+    are stable across processes and machines)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(grammar_vocabulary() if words is None else words) - set(SPECIAL_TOKENS))
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token=PAD, unk_token=UNK, bos_token=BOS,
+        model_max_length=max_length, padding_side="right")
+
+
+def load_tokenizer(path: str | Path, max_length: int = 12):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), pad_token=PAD, unk_token=UNK, bos_token=BOS,
+        model_max_length=max_length, padding_side="right")
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, max_length) int64, padded right."""
+    enc = tokenizer(list(prompts), padding="max_length", truncation=True,
+                    max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings and a few pre-norm transformer layers.
+
+    forward(ids, mask) -> (hidden (B, T, dim), mask (B, T)); hidden[:, 0] is the
+    [BOS] state, used as the pooled prompt embedding.
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 64, layers: int = 2,
+                 heads: int = 4, max_tokens: int = 12):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(max_tokens, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.tok(ids) + self.pos(pos)[None]
+        h = self.layers(h, src_key_padding_mask=mask == 0)
+        return self.norm(h), mask

@@ -1,0 +1,242 @@
+"""Training the student with Ray Train (V2): one readable loop.
+
+    fit_student(dataset, student_cfg=..., train_cfg=..., steps=..., storage_path=...,
+                name=..., init_checkpoint=None, out_dir=...) -> out_dir
+
+Each worker reads its shard of the dataset (rows {"prompt": str, "image": PNG
+bytes}) once, decodes it into memory, and then draws shuffled batches from it
+epoch after epoch (the datasets here are a few thousand 32x32 images at most,
+and a second pass through Ray Data per epoch would cost more than the step).
+
+Where the weights come from, in order: the run's own latest checkpoint
+(`ray.train.get_checkpoint()`, i.e. the same RunConfig name was fitted before:
+model, EMA, optimizer and step resume), else `init_checkpoint` (a directory
+written by `Student.save_pretrained`, e.g. the previous round or the shipped
+base: raw weights, EMA and, when present, optimizer state; the step count
+restarts at 0 but the lifetime count used for lr warm-up and EMA warm-up goes
+on), else a seeded random init.
+
+A checkpoint directory holds save_pretrained's files (config.json,
+tokenizer.json, model.safetensors, ema.safetensors) plus optimizer.pt and
+state.json ({"step": steps done in this run, "total_steps": lifetime, ...}).
+Only rank 0 writes it; every rank calls `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evolve.config import StudentConfig, TrainConfig
+from evolve.student.diffusion import EMA, drop_prompts, make_noise_scheduler, training_loss
+from evolve.student.model import EMA_NAME, WEIGHTS_NAME, Student
+
+OPTIMIZER_NAME = "optimizer.pt"
+STATE_NAME = "state.json"
+
+
+# -- checkpoint files ------------------------------------------------------------
+def save_checkpoint(directory: str | Path, student: Student, ema: EMA, optimizer: torch.optim.Optimizer | None,
+                    state: dict) -> Path:
+    d = student.save_pretrained(directory, ema=ema)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), d / OPTIMIZER_NAME)
+    (d / STATE_NAME).write_text(json.dumps(state, indent=2))
+    return d
+
+
+def load_checkpoint(directory: str | Path, student: Student, ema: EMA,
+                    optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load raw weights, EMA and (if present and wanted) optimizer state into
+    the given objects; return state.json (empty dict when absent)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    student.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+    state = json.loads((d / STATE_NAME).read_text()) if (d / STATE_NAME).exists() else {}
+    ema_sd = load_file(str(d / EMA_NAME)) if (d / EMA_NAME).exists() else student.state_dict()
+    ema.load_state_dict(ema_sd, num_updates=int(state.get("ema_updates", state.get("total_steps", 0))))
+    state["optimizer_loaded"] = False
+    if optimizer is not None and (d / OPTIMIZER_NAME).exists():
+        try:
+            optimizer.load_state_dict(torch.load(d / OPTIMIZER_NAME, weights_only=True))
+            state["optimizer_loaded"] = True
+        except (ValueError, KeyError, RuntimeError):  # another optimizer shape: start it fresh
+            pass
+    return state
+
+
+# -- data ----------------------------------------------------------------------------
+def load_shard(shard, image_size: int) -> tuple[list[str], torch.Tensor]:
+    """Read one pass of a Ray Data shard into (prompts, uint8 images (N, 3, S, S))."""
+    from evolve.shapes.render import from_png
+
+    prompts, images = [], []
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        prompts += [str(p) for p in batch["prompt"]]
+        images += [from_png(bytes(b), image_size) for b in batch["image"]]
+    if not images:
+        raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
+    return prompts, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled index batches, epoch after epoch (a batch may span two)."""
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(buf) < batch_size:
+            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1.0
+
+
+# -- the loop ------------------------------------------------------------------------
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker loop. config: {"student": StudentConfig dict, "train":
+    TrainConfig dict, "steps": int, "init_checkpoint": str | None}."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    scfg = StudentConfig.model_validate(config["student"])
+    tcfg = TrainConfig.model_validate(config["train"])
+    steps = int(config["steps"])
+    torch.set_num_threads(int(config.get("threads", tcfg.torch_threads)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    torch.manual_seed(tcfg.seed)
+    student = Student.from_config(scfg)
+    ema = EMA(student, tcfg.ema_max_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+    state: dict = {}
+    step = 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = load_checkpoint(d, student, ema, opt)
+        step = int(state.get("step", 0))
+    elif config.get("init_checkpoint"):
+        state = load_checkpoint(config["init_checkpoint"], student, ema, opt)
+    total = int(state.get("total_steps", 0))
+    start_total = total - step
+    # lr warm-up counts the optimizer's own steps: a fresh AdamW (random init, or
+    # a checkpoint shipped without optimizer.pt) warms up again, a loaded one not.
+    warm_offset = 0 if state.get("optimizer_loaded") else total - step
+
+    model = ray.train.torch.prepare_model(student)
+    noise_sched = make_noise_scheduler(scfg)
+    prompts, images = load_shard(ray.train.get_dataset_shard("train"), scfg.image_size)
+    local_bs = max(1, tcfg.batch_size // world)
+    gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank + 7919 * total)
+    rng = random.Random(tcfg.seed * 1000 + rank + 7919 * total)
+    order = batches(len(prompts), local_bs, gen)
+
+    def lr_at(n: int) -> float:
+        n -= warm_offset
+        return tcfg.lr * min(1.0, (n + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else tcfg.lr
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        state_now = {"step": step, "total_steps": total, "ema_updates": ema.num_updates,
+                     "run_start_total": start_total, "loss": metrics.get("loss"),
+                     "images_per_s": metrics.get("images_per_s"), "train_s": time.perf_counter() - t_start}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(tmp, student, ema, opt, state_now)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+
+    model.train()
+    t_start = time.perf_counter()
+    checkpointed = False
+    losses, seen, t_last = [], 0, time.perf_counter()
+    while step < steps:
+        idx = next(order)
+        x = to_model_range(images[idx])
+        ids, mask = student.encode_prompts(drop_prompts([prompts[i] for i in idx], tcfg.cond_drop, rng))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(total)
+        loss = training_loss(model, noise_sched, x, ids, mask, scfg.prediction_type, tcfg.t_shift, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        ema.update(student)
+        step += 1
+        total += 1
+        losses.append(loss.item())
+        seen += len(idx) * world
+        last = step == steps
+        if step % tcfg.report_every == 0 or last:
+            now = time.perf_counter()
+            metrics = {"loss": float(np.mean(losses)), "step": step, "total_steps": total,
+                       "images_per_s": seen / max(now - t_last, 1e-9), "lr": lr_at(total - 1),
+                       "epoch": step * local_bs / len(prompts)}
+            ckpt = last or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
+            report(metrics, bool(ckpt))
+            checkpointed = bool(ckpt)
+            losses, seen, t_last = [], 0, time.perf_counter()
+    if not checkpointed:  # nothing left to do (a finished run resumed, or steps=0)
+        report({"loss": float(state.get("loss") or float("nan")), "step": step, "total_steps": total}, True)
+
+
+# -- driver side -----------------------------------------------------------------------
+def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, steps: int,
+                storage_path: str | Path, name: str, init_checkpoint: str | Path | None = None,
+                out_dir: str | Path | None = None) -> str:
+    """Train with a TorchTrainer and return a plain checkpoint directory that
+    `Student.from_pretrained` loads: `out_dir` if given (replaced), else the
+    run's own final checkpoint folder under storage_path/name.
+
+    Calling it again with the same storage_path and name resumes that run from
+    its latest checkpoint (step count included) up to `steps`."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "student": student_cfg.model_dump(mode="json"),
+            "train": train_cfg.model_dump(mode="json"),
+            "steps": int(steps),
+            "threads": train_cfg.torch_threads,
+            "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+        },
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:  # pragma: no cover - fit() raises first in V2
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} finished without a checkpoint")
+    src = result.checkpoint.path
+    if out_dir is None:
+        return str(src)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.checkpoint.to_directory(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return str(out)

@@ -1,0 +1,181 @@
+"""The student: tokenizer, model round-trip, loss, sampling, EMA, Ray Train fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evolve.config import SampleConfig, StudentConfig, TrainConfig
+from evolve.student.diffusion import EMA, make_noise_scheduler, sample, training_loss
+from evolve.student.model import Student
+from evolve.student.text import build_tokenizer, tokenize
+
+TINY = {
+    "unet": dict(arch="unet", block_channels=(16, 32), attn_levels=1, norm_groups=8, attention_head_dim=8,
+                 text_dim=32, text_layers=1, text_heads=2),
+    "pixart": dict(arch="pixart", hidden_size=32, num_layers=2, num_heads=2, patch_size=4,
+                   text_dim=32, text_layers=1, text_heads=2),
+}
+PROMPTS = ["a red circle", "two squares", "a triangle left of a circle", "a blue square and a green circle"]
+
+
+def tiny(arch: str = "unet", **kw) -> Student:
+    torch.manual_seed(0)
+    return Student.from_config(StudentConfig(**{**TINY[arch], **kw}))
+
+
+def test_tokenizer_word_level():
+    tok = build_tokenizer()
+    ids, mask = tokenize(tok, ["a red circle", "", "a purple circle"], 12)
+    assert ids.shape == (3, 12) and mask.shape == (3, 12)
+    bos, pad, unk = tok.bos_token_id, tok.pad_token_id, tok.unk_token_id
+    assert ids[0, 0] == bos and mask[0].tolist() == [1] * 4 + [0] * 8
+    assert ids[0, 1] == tok.convert_tokens_to_ids("a") and ids[0, 3] == tok.convert_tokens_to_ids("circle")
+    assert ids[1, 0] == bos and (ids[1, 1:] == pad).all() and mask[1].sum() == 1  # the CFG null prompt
+    assert ids[2, 2] == unk
+    assert build_tokenizer().get_vocab() == tok.get_vocab()  # stable ids
+
+
+@pytest.mark.parametrize("arch", ["unet", "pixart"])
+def test_forward_loss_backward(arch):
+    s = tiny(arch)
+    ids, mask = s.encode_prompts(PROMPTS)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    out = s(x, torch.tensor([0, 10, 500, 999]), ids, mask)
+    assert out.shape == x.shape
+    for pt in ("sample", "v_prediction", "epsilon"):
+        s.zero_grad()
+        loss = training_loss(s, make_noise_scheduler(s.config), x, ids, mask, pt,
+                             t_shift=2.0, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss)
+        loss.backward()
+    # DDP needs every parameter in the graph
+    missing = [n for n, p in s.named_parameters() if p.grad is None]
+    assert not missing, missing[:5]
+
+
+@pytest.mark.parametrize("arch", ["unet", "pixart"])
+def test_save_load_roundtrip(arch, tmp_path):
+    s = tiny(arch, prediction_type="sample", image_size=32)
+    ema = EMA(s, 0.99)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(0.01)
+    ema.update(s)
+    s.save_pretrained(tmp_path, ema=ema)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "tokenizer.json", "model.safetensors",
+                                                  "ema.safetensors"}
+    assert StudentConfig.model_validate(json.loads((tmp_path / "config.json").read_text())) == s.config
+    raw = Student.from_pretrained(tmp_path, ema=False)
+    assert raw.config == s.config
+    for k, v in s.state_dict().items():
+        assert torch.equal(raw.state_dict()[k], v), k
+    ema_loaded = Student.from_pretrained(tmp_path)  # EMA by default
+    for k, v in ema.state_dict().items():
+        assert torch.equal(ema_loaded.state_dict()[k], v), k
+    assert raw.tokenizer.get_vocab() == s.tokenizer.get_vocab()
+
+
+def test_config_rejects_small_vocab():
+    with pytest.raises(ValueError, match="vocab_size"):
+        Student.from_config(StudentConfig(**{**TINY["unet"], "vocab_size": 8}))
+
+
+def test_ema_warmup():
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+    ema = EMA(lin, max_decay=0.9)
+    assert ema.decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema.update(lin)  # decay 0.1: mostly the new weights
+    assert ema.state_dict()["weight"][0, 0].item() == pytest.approx(0.9)
+    assert ema.decay() == pytest.approx(2 / 11)
+    for _ in range(200):
+        ema.update(lin)
+    assert ema.decay() == 0.9  # capped
+    assert ema.state_dict()["weight"][0, 0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["unet", "pixart"])
+def test_sample_shape_determinism(arch):
+    s = tiny(arch)
+    cfg = SampleConfig(steps=3, guidance=2.0, batch_size=2)
+    a = sample(s, PROMPTS[:3], [1, 2, 3], cfg)
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
+    b = sample(s, PROMPTS[:3], [1, 2, 3], cfg)
+    assert np.array_equal(a, b)
+    # an image depends on its prompt and seed, not on its batch
+    c = sample(s, [PROMPTS[1]], [2], SampleConfig(steps=3, guidance=2.0, batch_size=1))
+    assert np.abs(c[0].astype(int) - a[1].astype(int)).max() <= 1
+    assert not np.array_equal(a[0], sample(s, PROMPTS[:1], [9], cfg)[0])
+
+
+@pytest.mark.parametrize("pred", ["sample", "v_prediction", "epsilon"])
+def test_sampler_keeps_black_background(pred):
+    """A model that always predicts an all-black image yields exactly black
+    images, whatever the prediction target (x0 clipping included)."""
+    s = tiny("unet", prediction_type=pred)
+    ac = make_noise_scheduler(s.config).alphas_cumprod
+
+    def black(x, t, ids, mask):
+        a = ac[t].sqrt().view(-1, 1, 1, 1)
+        sig = (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
+        x0 = -torch.ones_like(x)
+        eps = (x - a * x0) / sig
+        return {"sample": x0, "epsilon": eps, "v_prediction": a * eps - sig * x0}[pred]
+
+    s.forward = black
+    out = sample(s, PROMPTS[:2], [0, 1], SampleConfig(steps=5, guidance=3.0))
+    assert out.max() == 0
+
+
+def test_checkpoint_files_resume_state(tmp_path):
+    from evolve.student.train import load_checkpoint, save_checkpoint
+
+    s = tiny()
+    ema = EMA(s)
+    opt = torch.optim.AdamW(s.parameters(), lr=1e-3)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids, mask = s.encode_prompts(PROMPTS[:2])
+    training_loss(s, make_noise_scheduler(s.config), x, ids, mask, "sample").backward()
+    opt.step()
+    ema.update(s)
+    save_checkpoint(tmp_path, s, ema, opt, {"step": 1, "total_steps": 5, "ema_updates": 5})
+    s2 = tiny()
+    ema2 = EMA(s2)
+    opt2 = torch.optim.AdamW(s2.parameters(), lr=1e-3)
+    state = load_checkpoint(tmp_path, s2, ema2, opt2)
+    assert state["total_steps"] == 5 and ema2.num_updates == 5
+    assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), s2.state_dict().values()))
+    assert opt2.state_dict()["state"][0]["step"] == 1
+    assert Student.from_pretrained(tmp_path).config == s.config
+
+
+@pytest.mark.integration
+def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
+    import ray
+
+    from evolve.shapes.render import render, to_png
+    from evolve.student.generate import generate_images
+    from evolve.student.train import fit_student
+
+    rows = [{"prompt": p, "image": to_png(render(p, i, 32))} for i, p in enumerate(PROMPTS * 4)]
+    ds = ray.data.from_items(rows)
+    scfg = StudentConfig(**TINY["unet"], prediction_type="sample")
+    tcfg = TrainConfig(num_workers=2, cpus_per_worker=0.5, batch_size=8, report_every=1)
+    kw = dict(student_cfg=scfg, train_cfg=tcfg, storage_path=tmp_path / "ray", name="fit")
+    out = fit_student(ds, steps=2, out_dir=tmp_path / "ckpt", **kw)
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["step"] == 2 and state["total_steps"] == 2
+    assert Student.from_pretrained(out).config == scfg
+    imgs = generate_images(out, PROMPTS[:2], [0, 1], SampleConfig(steps=2))
+    assert imgs.shape == (2, 32, 32, 3)
+    # same storage_path and name: resumes from the run's checkpoint at step 2
+    fit_student(ds, steps=3, out_dir=tmp_path / "ckpt2", **kw)
+    state = json.loads((tmp_path / "ckpt2" / "state.json").read_text())
+    assert state["step"] == 3 and state["total_steps"] == 3 and state["run_start_total"] == 0
