@@ -77,15 +77,14 @@ def eval_(
     """Score a checkpoint or a folder of images, overall and per category."""
     import tempfile
 
-    from evolve.shapes.grammar import heldout_prompts
-    from evolve.shapes.scorer import score_folder, write_prompts_jsonl
+    from evolve.shapes.scorer import heldout_set, score_folder, write_prompts_jsonl
 
     if (checkpoint is None) == (images is None):
         _fail("give exactly one of --checkpoint or --images")
     with tempfile.TemporaryDirectory() as tmp:
         if prompts is None:
             prompts = Path(tmp) / "heldout.jsonl"
-            write_prompts_jsonl(heldout_prompts(), prompts)
+            write_prompts_jsonl(heldout_set(), prompts)
         if checkpoint is not None:
             images = Path(tmp) / "images"
             _generate(checkpoint, prompts, images, guidance, steps)
@@ -141,11 +140,10 @@ def generate(
 @app.command()
 def heldout(out: Path = typer.Option(..., help="JSON lines file to write"),
             per_category: int = typer.Option(16, min=1)):
-    """Write the held-out prompt set (balanced, fixed seed)."""
-    from evolve.shapes.grammar import heldout_prompts
-    from evolve.shapes.scorer import write_prompts_jsonl
+    """Write the held-out evaluation set (per_category images per category, fixed seed)."""
+    from evolve.shapes.scorer import heldout_set, write_prompts_jsonl
 
-    ids = write_prompts_jsonl(heldout_prompts(per_category), out)
+    ids = write_prompts_jsonl(heldout_set(per_category), out)
     typer.echo(f"wrote {len(ids)} prompts to {out}")
 
 
@@ -157,7 +155,7 @@ def pretrain_base_cmd(
     export: Optional[Path] = typer.Option(None, help="also write the shippable checkpoint here "
                                           "(e.g. evolve/assets/base_student)"),
     config: Optional[Path] = typer.Option(None, help="RunConfig whose student/train sections to use"),
-    lr: Optional[float] = typer.Option(None),
+    lr: float = typer.Option(1e-3, help="pretraining rate (the loop fine-tunes at the config's lower rate)"),
     checkpoint_every: int = typer.Option(200, min=1),
 ):
     """Train the shapes-world base student (Ray Train), resumable."""
@@ -165,8 +163,7 @@ def pretrain_base_cmd(
     from evolve.ray_env import connect
 
     cfg = _load_config(config)
-    train = cfg.train.model_copy(update={"checkpoint_every": checkpoint_every,
-                                         **({"lr": lr} if lr is not None else {})})
+    train = cfg.train.model_copy(update={"checkpoint_every": checkpoint_every, "lr": lr})
     connect()
     final = pretrain_base(work_dir, student_cfg=cfg.student, train_cfg=train, steps=steps,
                           per_prompt=per_prompt, seed=cfg.seed)

@@ -110,12 +110,14 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional: leave CPUs for Ray Data")
     batch_size: int = Field(32, ge=1, description="global batch, split across workers")
-    lr: float = Field(1e-3, gt=0)
+    # Fine-tuning rate: the loop starts from the shipped base; 1e-3 (the base's
+    # pretraining rate) made held-out accuracy swing by +-5 points a round.
+    lr: float = Field(3e-4, gt=0)
     weight_decay: float = 0.0
     warmup_steps: int = Field(50, ge=0, description="linear lr warm-up over the student's first steps")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
     t_shift: float = Field(1.0, gt=0, description="training timesteps u^(1/t_shift): >1 favours high noise")
-    steps_per_round: int = Field(60, ge=1)
+    steps_per_round: int = Field(120, ge=1)
     ema_max_decay: float = Field(0.995, ge=0, lt=1, description="decay warms up as (1+n)/(10+n) to this")
     cond_drop: float = Field(0.1, ge=0, le=1, description="text dropped for classifier-free guidance")
     torch_threads: int = Field(1, ge=1)
@@ -152,7 +154,7 @@ class EvolutionConfig(_Strict):
 class RunConfig(_Strict):
     run_dir: Path = Path("runs/default")
     seed: int = 0
-    rounds: int = Field(4, ge=1)
+    rounds: int = Field(3, ge=1)
     seed_prompts: int = Field(48, ge=1, description="size of the seed prompt set")
     seed_categories: tuple[str, ...] | None = None
     heldout_per_category: int = Field(16, ge=1)

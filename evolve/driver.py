@@ -27,7 +27,8 @@ from evolve.config import RunConfig, StudentConfig
 from evolve.dataset import DatasetVersions, Record, write_json_atomic
 from evolve.judging import (DiscriminateRequest, DiscriminateVerdict, ExpandRequest, MutateRequest,
                             TeacherImage)
-from evolve.shapes.grammar import heldout_prompts, parse, sample_prompt
+from evolve.shapes.grammar import parse, sample_prompt
+from evolve.shapes.scorer import heldout_set
 from evolve.shapes.render import to_png
 from evolve.store import ImageStore
 
@@ -202,7 +203,7 @@ class EvolveRun:
         self.versions = DatasetVersions(self.folder.datasets)
         self.store = ImageStore(self.folder.images)
         self.say = progress
-        self.heldout = [p.text for p in heldout_prompts(cfg.heldout_per_category, seed=1234)]
+        self.heldout = [p.text for p in heldout_set(cfg.heldout_per_category)]
 
     # -- setup / resume -------------------------------------------------------
     def _check_config(self) -> None:

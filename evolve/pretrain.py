@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from evolve.config import StudentConfig, TrainConfig
-from evolve.shapes.grammar import all_prompts, heldout_prompts
+from evolve.shapes.grammar import all_prompts
 from evolve.shapes.render import render, to_png
 
 BASE_CATEGORIES = ("single_object", "colors", "two_object")
@@ -90,10 +90,10 @@ def export_base(checkpoint: Path, out: Path) -> str:
 def sample_check(checkpoint: Path, n_per_category: int = 16, seed: int = 0) -> dict:
     """Held-out accuracy of a checkpoint (the model card's figures)."""
     from evolve.config import SampleConfig
-    from evolve.shapes.scorer import score
+    from evolve.shapes.scorer import heldout_set, score
     from evolve.student.generate import generate_images
 
-    prompts = [p.text for p in heldout_prompts(n_per_category)]
+    prompts = [p.text for p in heldout_set(n_per_category)]
     seeds = list(np.arange(len(prompts)) + seed)
     imgs = generate_images(str(checkpoint), prompts, seeds, SampleConfig())
     return score(prompts, list(imgs)).to_dict()

@@ -16,7 +16,7 @@ from evolve.cli import app
 from evolve.config import StudentConfig
 from evolve.shapes.grammar import heldout_prompts
 from evolve.shapes.render import from_png, render, to_png
-from evolve.shapes.scorer import write_prompts_jsonl
+from evolve.shapes.scorer import heldout_set, write_prompts_jsonl
 
 runner = CliRunner()
 TINY = StudentConfig(block_channels=(16, 32), text_dim=32, text_layers=1)
@@ -92,7 +92,7 @@ def test_heldout(tmp_path):
     res = runner.invoke(app, ["heldout", "--out", str(tmp_path / "h.jsonl")])
     assert res.exit_code == 0
     rows = [json.loads(l) for l in (tmp_path / "h.jsonl").read_text().splitlines()]
-    assert len(rows) == len(heldout_prompts()) and {"id", "prompt"} <= set(rows[0])
+    assert len(rows) == len(heldout_set()) == 96 and {"id", "prompt"} <= set(rows[0])
 
 
 def test_teachers_serve_prints_urls_that_answer():

@@ -107,3 +107,17 @@ def score_folder(folder: Path, prompts_jsonl: Path) -> ScoreReport:
         ok.append(r.satisfied)
         fails.update(r.failed)
     return _report(cats, ok, fails, missing)
+
+
+def heldout_set(per_category: int = 16, seed: int = 1234) -> list[Prompt]:
+    """The evaluation set: `per_category` images per category. Categories with
+    fewer distinct prompts (single_object has 3) repeat theirs; each repeat is
+    drawn with its own seed, so every category is measured on as many images."""
+    from evolve.shapes.grammar import CATEGORIES, heldout_prompts
+
+    held = heldout_prompts(per_category, seed)
+    out: list[Prompt] = []
+    for cat in CATEGORIES:
+        pool = [p for p in held if p.category == cat]
+        out += [pool[i % len(pool)] for i in range(per_category)]
+    return out
