@@ -7,7 +7,9 @@ travel as PNG bytes so a judge on another node needs no shared disk.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -16,33 +18,27 @@ class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_png(data: bytes, what: str) -> bytes:
+def _check_png(data: bytes) -> bytes:
     if not data.startswith(PNG_MAGIC):
-        raise ValueError(f"{what} is not a PNG image (got {len(data)} bytes starting {data[:8]!r})")
+        raise ValueError(f"not a PNG image (got {len(data)} bytes starting {data[:8]!r})")
     return data
+
+
+# pydantic names the field (student_image, teacher_images.0.image) in the error.
+PngBytes = Annotated[bytes, AfterValidator(_check_png)]
 
 
 class TeacherImage(_Msg):
     teacher: str
-    image: bytes
-
-    @field_validator("image")
-    @classmethod
-    def _png(cls, v: bytes) -> bytes:
-        return _check_png(v, "teacher image")
+    image: PngBytes
 
 
 class DiscriminateRequest(_Msg):
     """Compare the student's image with one or more teacher images of one prompt."""
 
     prompt: str
-    student_image: bytes
+    student_image: PngBytes
     teacher_images: list[TeacherImage] = Field(min_length=1)
-
-    @field_validator("student_image")
-    @classmethod
-    def _png(cls, v: bytes) -> bytes:
-        return _check_png(v, "student image")
 
 
 class DiscriminateVerdict(_Msg):
