@@ -13,9 +13,7 @@ the first round whose statistics are missing.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any

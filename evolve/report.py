@@ -35,7 +35,7 @@ def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dic
     (folder.root / "report.md").write_text(_markdown(report))
     _plot(curve, teachers, folder.root / "accuracy.png")
     say(f"report: {folder.report}")
-    say(f"held-out accuracy by round: " + " -> ".join(f"{a:.1%}" for a in curve))
+    say("held-out accuracy by round: " + " -> ".join(f"{a:.1%}" for a in curve))
     for t, s in teachers.items():
         say(f"teacher {t}: held-out {s['overall']:.1%}")
     return report

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
