@@ -137,18 +137,3 @@ def _decode(body: bytes, n: int, status: int) -> list[GeneratedImage]:
         if not img.png.startswith(PNG_MAGIC):
             raise TeacherHTTPError(status, f"response image is not a PNG ({len(img.png)} bytes)")
     return images
-
-
-async def generate_image(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    model: str,
-    prompt: str,
-    seed: int,
-    size: int,
-    api_key: str | None,
-    timeout_s: float,
-) -> bytes:
-    """PNG bytes of one image for `prompt` at `seed`."""
-    images = await generate_images(session, base_url, model, prompt, seed, size, api_key, timeout_s)
-    return images[0].png

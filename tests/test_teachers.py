@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from actors.openai_images import TeacherHTTPError, generate_image
+from actors.openai_images import TeacherHTTPError, generate_images
 from actors.teacher_gateway import BudgetExceeded, TeacherGateway, TeacherGatewayError, start_gateway
 from evolve.config import TeacherConfig
 from evolve.ledger import Ledger
@@ -118,13 +118,13 @@ def test_server_and_client_auth_never_leak_the_key():
             assert (await post(url, req()))[0] == 401
             async with aiohttp.ClientSession() as s:
                 with pytest.raises(TeacherHTTPError) as info:
-                    await generate_image(s, url, "tutor", GOOD, 0, 32, "sk-wrong-key-123", 5.0)
+                    await generate_images(s, url, "tutor", GOOD, 0, 32, "sk-wrong-key-123", 5.0)
             err = info.value
             assert err.status == 401 and not err.retryable
             assert "sk-wrong-key-123" not in str(err) + repr(err)
             async with aiohttp.ClientSession() as s:  # nothing listens there: retryable
                 with pytest.raises(TeacherHTTPError) as info:
-                    await generate_image(s, "http://127.0.0.1:9/v1", "tutor", GOOD, 0, 32, "sk-x", 2.0)
+                    await generate_images(s, "http://127.0.0.1:9/v1", "tutor", GOOD, 0, 32, "sk-x", 2.0)
             assert info.value.status is None and info.value.retryable
     asyncio.run(main())
 
