@@ -26,8 +26,8 @@ from evolve.dataset import DatasetVersions, Record, write_json_atomic
 from evolve.judging import (DiscriminateRequest, DiscriminateVerdict, ExpandRequest, MutateRequest,
                             TeacherImage)
 from evolve.shapes.grammar import parse, sample_prompt
-from evolve.shapes.scorer import heldout_set
-from evolve.shapes.render import to_png
+from evolve.shapes.scorer import heldout_set, score
+from evolve.shapes.render import from_png, to_png
 from evolve.store import ImageStore
 
 log = logging.getLogger("evolve")
@@ -202,6 +202,8 @@ class EvolveRun:
         self.store = ImageStore(self.folder.images)
         self.say = progress
         self.heldout = [p.text for p in heldout_set(cfg.heldout_per_category)]
+        # The same seeds score the student every round and the teachers at the end.
+        self.heldout_seeds = [stable_seed("heldout", i) for i in range(len(self.heldout))]
 
     # -- setup / resume -------------------------------------------------------
     def _check_config(self) -> None:
@@ -264,11 +266,7 @@ class EvolveRun:
         self.say(f"seed set: {len(records)} prompts, version v0000")
 
     def score_heldout(self, checkpoint: str | None, rnd: int | str) -> dict:
-        from evolve.shapes.render import from_png
-        from evolve.shapes.scorer import score
-
-        seeds = [stable_seed("heldout", i) for i in range(len(self.heldout))]
-        pngs = sample_student(self.cfg, checkpoint, self.heldout, seeds)
+        pngs = sample_student(self.cfg, checkpoint, self.heldout, self.heldout_seeds)
         imgs = [from_png(p) for p in pngs]
         save_grid(imgs[:: max(1, len(imgs) // 48)][:48], self.folder.grids / f"round_{rnd}.png")
         return score(self.heldout, imgs).to_dict()
@@ -381,11 +379,7 @@ class EvolveRun:
     def final_report(self, svc: Services, wall_s: float) -> dict:
         from evolve.report import write_report
 
-        seeds = [stable_seed("heldout", i) for i in range(len(self.heldout))]
-        bought = svc.buy(list(zip(self.heldout, seeds)))
-        from evolve.shapes.render import from_png
-        from evolve.shapes.scorer import score
-
+        bought = svc.buy(list(zip(self.heldout, self.heldout_seeds)))
         teachers = {}
         for t, res in bought.items():
             imgs = [from_png(self.store.get(r["ref"])) if "ref" in r else np.zeros((1, 1, 3), np.uint8)
