@@ -89,11 +89,17 @@ class StudentConfig(_Strict):
     attention_head_dim: int = Field(16, ge=1)
     norm_groups: int = Field(16, ge=1)
     pooled_text: bool = Field(True, description="add the pooled prompt to the timestep embedding")
-    # PixArt (pixel space, patchified)
+    # PixArt (patchified; pixel space, or VAE latents when latent_channels is set)
     hidden_size: int = 192
     num_layers: int = 6
     num_heads: int = 4
     patch_size: int = 4
+    qk_norm: bool = Field(False, description="LayerNorm on each head's queries and keys (the Edgen change)")
+    learn_sigma: bool = Field(False, description="also predict the variance (PixArt-alpha's 8 output channels)")
+    latent_channels: int | None = Field(None, ge=1, description="None: RGB pixels; else VAE latent channels")
+    vae_scale: int = Field(8, ge=1, description="image pixels per latent pixel")
+    caption_channels: int | None = Field(
+        None, ge=1, description="width of precomputed text embeddings (4096: T5-v1.1-XXL); None: own encoder")
     # Text encoder over the prompt grammar's words
     vocab_size: int = Field(32, ge=4, description="embedding rows; >= grammar words + 3 specials")
     text_dim: int = 64
@@ -104,6 +110,53 @@ class StudentConfig(_Strict):
         "sample", description="x0: learns global structure fastest in pixel space here")
     num_train_timesteps: int = 1000
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+
+    @model_validator(mode="after")
+    def _pixart_only(self) -> "StudentConfig":
+        if self.arch != "pixart":
+            for name in ("latent_channels", "caption_channels"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs arch 'pixart', not {self.arch!r}")
+            if self.qk_norm or self.learn_sigma:
+                raise ValueError(f"qk_norm and learn_sigma need arch 'pixart', not {self.arch!r}")
+        elif self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} does not divide by num_heads {self.num_heads}")
+        if self.arch == "pixart" and self.micro_conditions and self.hidden_size % 3:
+            raise ValueError(f"at 1024 px PixArt embeds resolution and aspect ratio in thirds of the width: "
+                             f"hidden_size {self.hidden_size} must divide by 3")
+        if self.sample_size % self.patch_size and self.arch == "pixart":
+            raise ValueError(f"denoiser input {self.sample_size}px does not divide by patch_size {self.patch_size}")
+        return self
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of what the denoiser sees: RGB or VAE latents."""
+        return self.latent_channels or 3
+
+    @property
+    def sample_size(self) -> int:
+        """Side of what the denoiser sees, in its own pixels."""
+        return self.image_size // self.vae_scale if self.latent_channels else self.image_size
+
+    @property
+    def micro_conditions(self) -> bool:
+        """PixArt-alpha at 1024 px (128x128 latents) is also conditioned on
+        resolution and aspect ratio."""
+        return self.latent_channels is not None and self.sample_size == 128
+
+    @classmethod
+    def pixart_alpha_xl2(cls, resolution: int = 512, **overrides) -> "StudentConfig":
+        """PixArt-alpha XL/2, the paper's student: 28 blocks of width 1152 (16
+        heads), patch 2 on SD-VAE latents (4 channels, /8), T5-v1.1-XXL caption
+        embeddings (4096 wide, 120 tokens), epsilon + learned variance, linear
+        betas. 512 or 1024 px; 1024 adds resolution/aspect-ratio conditioning."""
+        if resolution not in (256, 512, 1024):
+            raise ValueError(f"PixArt-alpha XL/2 comes at 256, 512 or 1024 px, not {resolution}")
+        base = dict(arch="pixart", image_size=resolution, latent_channels=4, vae_scale=8,
+                    hidden_size=1152, num_layers=28, num_heads=16, patch_size=2, learn_sigma=True,
+                    caption_channels=4096, max_tokens=120, prediction_type="epsilon",
+                    beta_schedule="linear")
+        return cls(**{**base, **overrides})
 
 
 class TrainConfig(_Strict):

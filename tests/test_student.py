@@ -19,6 +19,7 @@ TINY = {
     "pixart": dict(arch="pixart", hidden_size=32, num_layers=2, num_heads=2, patch_size=4,
                    text_dim=32, text_layers=1, text_heads=2),
 }
+TINY["pixart-qk"] = {**TINY["pixart"], "qk_norm": True}
 PROMPTS = ["a red circle", "two squares", "a triangle left of a circle", "a blue square and a green circle"]
 
 
@@ -39,7 +40,7 @@ def test_tokenizer_word_level():
     assert build_tokenizer().get_vocab() == tok.get_vocab()  # stable ids
 
 
-@pytest.mark.parametrize("arch", ["unet", "pixart"])
+@pytest.mark.parametrize("arch", ["unet", "pixart", "pixart-qk"])
 def test_forward_loss_backward(arch):
     s = tiny(arch)
     ids, mask = s.encode_prompts(PROMPTS)
@@ -57,7 +58,7 @@ def test_forward_loss_backward(arch):
     assert not missing, missing[:5]
 
 
-@pytest.mark.parametrize("arch", ["unet", "pixart"])
+@pytest.mark.parametrize("arch", ["unet", "pixart", "pixart-qk"])
 def test_save_load_roundtrip(arch, tmp_path):
     s = tiny(arch, prediction_type="sample", image_size=32)
     ema = EMA(s, 0.99)

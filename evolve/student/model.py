@@ -67,20 +67,68 @@ def _build_unet(cfg: StudentConfig):
 def _build_pixart(cfg: StudentConfig):
     from diffusers import PixArtTransformer2DModel
 
-    assert cfg.hidden_size % cfg.num_heads == 0, "hidden_size must divide by num_heads"
-    return PixArtTransformer2DModel(
+    captions = cfg.caption_channels is not None
+    model = PixArtTransformer2DModel(
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=3,
-        out_channels=3,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels * (2 if cfg.learn_sigma else 1),
         num_layers=cfg.num_layers,
-        cross_attention_dim=cfg.text_dim,
-        sample_size=cfg.image_size,
+        # Precomputed captions (T5) are projected to the model width first, as in
+        # PixArt-alpha; the own small encoder is attended to at its own width.
+        cross_attention_dim=cfg.hidden_size if captions else cfg.text_dim,
+        sample_size=cfg.sample_size,
         patch_size=cfg.patch_size,
         norm_num_groups=1,
-        use_additional_conditions=False,
-        caption_channels=None,
+        use_additional_conditions=cfg.micro_conditions,
+        caption_channels=cfg.caption_channels,
     )
+    if cfg.qk_norm:
+        add_qk_norm(model)
+    return model
+
+
+def add_qk_norm(model: nn.Module) -> nn.Module:
+    """LayerNorm over each head's queries and keys in every attention layer
+    (diffusers' `qk_norm="layer_norm"`, which PixArt's blocks do not expose).
+    It keeps attention logits bounded in bf16 at large scale."""
+    from diffusers.models.attention_processor import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention) and m.norm_q is None:
+            m.norm_q = nn.LayerNorm(m.inner_dim // m.heads, eps=1e-6)
+            m.norm_k = nn.LayerNorm(m.inner_kv_dim // m.heads, eps=1e-6)
+    return model
+
+
+def build_denoiser(cfg: StudentConfig) -> nn.Module:
+    """The denoiser alone, random weights: what tiny and XL configs share."""
+    if cfg.arch == "unet":
+        return _build_unet(cfg)
+    if cfg.arch == "pixart":
+        return _build_pixart(cfg)
+    raise ValueError(f"unknown arch {cfg.arch!r}")  # pragma: no cover - pydantic rejects it first
+
+
+def denoise(denoiser: nn.Module, cfg: StudentConfig, x: torch.Tensor, t: torch.Tensor,
+            text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """One denoiser call: x (B, C, S, S) at timesteps t, attending to text
+    states (B, L, D) where text_mask is 1. Returns the prediction, shaped like x
+    (a learned variance, if any, is dropped: training and sampling use the mean)."""
+    if cfg.arch == "unet":
+        p = cfg.unet_patch
+        xs = F.pixel_unshuffle(x, p) if p > 1 else x
+        out = denoiser(xs, t, encoder_hidden_states=text, encoder_attention_mask=text_mask,
+                       class_labels=text[:, 0] if cfg.pooled_text else None).sample
+        return F.pixel_shuffle(out, p) if p > 1 else out
+    cond = {"resolution": None, "aspect_ratio": None}
+    if cfg.micro_conditions:
+        b = x.shape[0]
+        cond = {"resolution": torch.tensor([[cfg.image_size, cfg.image_size]], device=x.device).repeat(b, 1).to(x.dtype),
+                "aspect_ratio": torch.ones(b, 1, device=x.device, dtype=x.dtype)}
+    out = denoiser(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=text_mask,
+                   added_cond_kwargs=cond).sample
+    return out[:, :cfg.in_channels] if cfg.learn_sigma else out
 
 
 class Student(nn.Module):
@@ -90,14 +138,14 @@ class Student(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(max_length=config.max_tokens)
         if len(self.tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, config.vocab_size is {config.vocab_size}")
+        if config.caption_channels is not None or config.latent_channels is not None:
+            # The frozen VAE + T5 stage is not part of this module: such configs
+            # train on precomputed latents and caption embeddings (build_denoiser).
+            raise ValueError("Student runs pixel-space configs with its own text encoder; for "
+                             "latent_channels / caption_channels use build_denoiser + denoise")
         self.text = TextEncoder(config.vocab_size, config.text_dim, config.text_layers,
                                 config.text_heads, config.max_tokens)
-        if config.arch == "unet":
-            self.denoiser = _build_unet(config)
-        elif config.arch == "pixart":
-            self.denoiser = _build_pixart(config)
-        else:  # pragma: no cover - pydantic rejects it first
-            raise ValueError(f"unknown arch {config.arch!r}")
+        self.denoiser = build_denoiser(config)
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -137,14 +185,7 @@ class Student(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
         h, mask = self.text(input_ids, attention_mask)
-        if self.config.arch == "unet":
-            p = self.config.unet_patch
-            xs = F.pixel_unshuffle(x, p) if p > 1 else x
-            out = self.denoiser(xs, t, encoder_hidden_states=h, encoder_attention_mask=mask,
-                                class_labels=h[:, 0] if self.config.pooled_text else None).sample
-            return F.pixel_shuffle(out, p) if p > 1 else out
-        return self.denoiser(x, encoder_hidden_states=h, timestep=t, encoder_attention_mask=mask,
-                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return denoise(self.denoiser, self.config, x, t, h, mask)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
