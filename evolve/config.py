@@ -170,12 +170,25 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(50, ge=0, description="linear lr warm-up over the student's first steps")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 = off")
     t_shift: float = Field(1.0, gt=0, description="training timesteps u^(1/t_shift): >1 favours high noise")
-    steps_per_round: int = Field(120, ge=1)
+    steps_per_round: int = Field(120, ge=1, description="steps on a dataset version before it is evaluated")
     ema_max_decay: float = Field(0.995, ge=0, lt=1, description="decay warms up as (1+n)/(10+n) to this")
     cond_drop: float = Field(0.1, ge=0, le=1, description="text dropped for classifier-free guidance")
+    replay_fraction: float = Field(0.25, ge=0, lt=1, description="share of each batch replaying the base "
+                                   "curriculum (exact renders, no teacher images): keeps deleted skills")
+    replay_per_prompt: int = Field(8, ge=1, description="renders per base-curriculum prompt in the replay pool")
     torch_threads: int = Field(1, ge=1)
     report_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    # How training meets the loop. "continuous": one Ray Train run for the
+    # whole job; the loop evaluates EMA snapshots while it trains, and new
+    # dataset versions reach the workers at a step boundary (no restart).
+    # "rounds": train steps_per_round, stop, evaluate, repeat (one fit() per
+    # round: simpler and exactly repeatable, for controlled experiments).
+    schedule: Literal["continuous", "rounds"] = "continuous"
+    poll_every: int = Field(10, ge=1, description="continuous: steps between asking the loop for news "
+                            "(a new dataset version, a snapshot wanted, stop)")
+    keep_snapshots: int = Field(3, ge=1, description="continuous: EMA snapshots kept on disk")
+    max_failures: int = Field(2, ge=0, description="dead workers replaced before the training run fails")
     seed: int = 0
 
 

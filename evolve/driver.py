@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ class RunFolder:
         self.datasets = self.root / "datasets"
         self.checkpoints = self.root / "checkpoints"
         self.train_storage = self.root / "ray_train"
+        self.snapshots = self.checkpoints / "live"
         self.rounds = self.root / "rounds"
         self.grids = self.root / "grids"
         self.report = self.root / "report.json"
@@ -141,11 +145,9 @@ class Services:
 # --------------------------------------------------------------------------- student
 
 
-def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: int,
-                init: str | None) -> Path:
+def version_dataset(folder: RunFolder, records: list[Record]):
+    """A dataset version as a Ray Dataset of {"prompt", "image" (PNG bytes)}."""
     import ray
-
-    from evolve.student.train import fit_student
 
     store_root = str(folder.images)
     rows = [{"prompt": r.prompt, "image_ref": r.image_ref} for r in records]
@@ -156,12 +158,93 @@ def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: i
 
     # A sliver of CPU per Data task: with 2 CPUs the train workers' share plus
     # the actors leave less than one whole CPU, and a 1-CPU Data task would wait forever.
-    ds = ray.data.from_items(rows).map_batches(load, batch_format="numpy", num_cpus=0.25)
+    return ray.data.from_items(rows).map_batches(load, batch_format="numpy", num_cpus=0.25)
+
+
+def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: int,
+                init: str | None) -> Path:
+    """The "rounds" schedule: one fit() of steps_per_round on this version."""
+    from evolve.student.train import fit_student
+
     out = folder.checkpoint(rnd)
-    fit_student(ds, student_cfg=cfg.student, train_cfg=cfg.train, steps=cfg.train.steps_per_round,
-                storage_path=str(folder.train_storage), name=f"round_{rnd:03d}",
-                init_checkpoint=init, out_dir=str(out))
+    fit_student(version_dataset(folder, records), student_cfg=cfg.student, train_cfg=cfg.train,
+                steps=cfg.train.steps_per_round, storage_path=str(folder.train_storage),
+                name=f"round_{rnd:03d}", init_checkpoint=init, out_dir=str(out))
     return out
+
+
+class ContinuousTrainer:
+    """The "continuous" schedule: one Ray Train run for the whole job.
+
+    The trainer runs in a background thread of the driver (`fit()` blocks) and
+    meets the loop through a TrainerFeed actor: `publish` hands it a new
+    dataset version (one Ray Data shard per worker), `weights_after` waits for
+    an EMA snapshot trained `steps` steps on a version and copies it into the
+    run folder. The trainer never waits for the loop: it keeps training on the
+    version it has until a newer one arrives."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder, init: str | None):
+        from actors.trainer_feed import TrainerFeed
+
+        self.cfg, self.folder, self.init = cfg, folder, init
+        self.feed = TrainerFeed.options(name=f"trainer-feed:{folder.root.name}").remote(cfg.train.num_workers)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _fit(self) -> None:
+        from evolve.student.train import fit_student
+
+        try:
+            fit_student(None, student_cfg=self.cfg.student, train_cfg=self.cfg.train, steps=None,
+                        storage_path=str(self.folder.train_storage), name="continuous",
+                        init_checkpoint=self.init, feed=f"trainer-feed:{self.folder.root.name}",
+                        snapshot_dir=str(self.folder.snapshots))
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
+            self.error = e
+
+    def publish(self, version: int, records: list[Record]) -> None:
+        import ray
+
+        shards = version_dataset(self.folder, records).split(self.cfg.train.num_workers, equal=False)
+        ray.get(self.feed.publish.remote(version, shards))
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._fit, name="continuous-trainer", daemon=True)
+            self.thread.start()
+
+    def weights_after(self, version: int, steps: int, out: Path) -> dict:
+        """Block until the trainer has done `steps` steps on `version`; copy that
+        snapshot to `out` (whole, then renamed). Returns the snapshot's record."""
+        import ray
+
+        ref = self.feed.wait_snapshot.remote(version, steps)
+        while not ray.wait([ref], timeout=2.0)[0]:
+            if self.error is not None or (self.thread is not None and not self.thread.is_alive()):
+                raise RuntimeError(f"the training run stopped: {self.error!r}") from self.error
+        snap = ray.get(ref)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(snap["path"], tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return snap
+
+    def status(self) -> dict:
+        import ray
+
+        return ray.get(self.feed.status.remote())
+
+    def close(self, timeout_s: float = 300) -> None:
+        """Ask the workers to checkpoint and return; wait for fit() to end."""
+        import ray
+
+        try:
+            ray.get(self.feed.finish.remote())
+            if self.thread is not None:
+                self.thread.join(timeout_s)
+        finally:
+            ray.kill(self.feed)
+        if self.error is not None:
+            raise RuntimeError(f"the training run failed: {self.error!r}") from self.error
 
 
 def _sample_pngs(ckpt: str | None, prompts: list[str], seeds: list[int], student_cfg, sample_cfg) -> list[bytes]:
@@ -187,7 +270,8 @@ def sample_student(cfg: RunConfig, checkpoint: str | None, prompts: list[str], s
     if not prompts:
         return []
     if _sample_task is None:
-        _sample_task = ray.remote(num_cpus=1)(_sample_pngs)
+        # Half a CPU: on 2 CPUs it must fit beside the continuous trainer's workers.
+        _sample_task = ray.remote(num_cpus=0.5)(_sample_pngs)
     return ray.get(_sample_task.remote(checkpoint, prompts, seeds, cfg.student, cfg.sample))
 
 
@@ -321,6 +405,7 @@ class EvolveRun:
         start = self.first_unfinished_round()
         t0 = time.time()
         svc = Services(cfg, self.folder)
+        trainer = None
         try:
             if self.versions.latest() is None:
                 self.seed_set(svc, init)
@@ -329,22 +414,53 @@ class EvolveRun:
                 acc = self.score_heldout(init, "init")
                 write_json_atomic(baseline_path, {"heldout": acc})
                 self.say(f"start: held-out accuracy {acc['overall']:.1%}")
+            if cfg.train.schedule == "continuous" and start < cfg.rounds:
+                trainer = ContinuousTrainer(cfg, self.folder, init)
+                trainer.publish(start, self.versions.read(start))
             for rnd in range(start, cfg.rounds):
-                ckpt = self.play_round(svc, rnd, init)
+                ckpt = self.play_round(svc, rnd, init, trainer)
                 init = ckpt
+            if trainer is not None:
+                self.trainer_summary(trainer, time.time() - t0)
+                trainer, closing = None, trainer
+                closing.close()
             report = self.final_report(svc, time.time() - t0)
         finally:
+            if trainer is not None:  # an error on the way: stop training, keep the error
+                try:
+                    trainer.close(timeout_s=60)
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping the trainer")
             svc.close()
         return report
 
-    def play_round(self, svc: Services, rnd: int, init: str | None) -> str:
+    def trainer_summary(self, trainer: "ContinuousTrainer", wall_s: float) -> dict:
+        """How the continuous trainer spent the run: steps, and the time its
+        workers waited on the loop (polls and data swaps)."""
+        st = trainer.status()
+        m = st["metrics"]
+        summary = {"steps": m.get("step"), "train_s": m.get("train_s"), "data_wait_s": m.get("data_wait_s"),
+                   "wait_fraction": (m.get("data_wait_s") or 0) / max(m.get("train_s") or 1e-9, 1e-9),
+                   "versions_started_at_step": st["first_step"], "snapshots": st["snapshots"]}
+        write_json_atomic(self.folder.rounds / "trainer.json", summary)
+        self.say(f"trainer: {summary['steps']} steps, waited on the loop {summary['wait_fraction']:.1%} "
+                 f"of its time")
+        return summary
+
+    def play_round(self, svc: Services, rnd: int, init: str | None,
+                   trainer: "ContinuousTrainer | None" = None) -> str:
         cfg = self.cfg
         t = time.time()
-        if rnd > 0:
-            init = str(self.folder.checkpoint(rnd - 1))
         records = self.versions.read(rnd)
-        ckpt = str(train_round(cfg, self.folder, records, rnd, init))
-        t_train = time.time() - t
+        timing = {}
+        if trainer is None:
+            init = str(self.folder.checkpoint(rnd - 1)) if rnd > 0 else init
+            ckpt = str(train_round(cfg, self.folder, records, rnd, init))
+            timing["train_s"] = round(time.time() - t, 1)
+        else:
+            snap = trainer.weights_after(rnd, cfg.train.steps_per_round, self.folder.checkpoint(rnd))
+            ckpt = str(self.folder.checkpoint(rnd))
+            timing = {"trainer_step": snap["step"], "waited_for_trainer_s": round(time.time() - t, 1)}
         acc = self.score_heldout(ckpt, rnd)
         judged, plan, stats = self.judge_round(svc, records, ckpt, rnd)
         # The last round evolves too: its version is the run's evolved dataset,
@@ -352,6 +468,8 @@ class EvolveRun:
         nxt, added = self.evolve(svc, records, plan, rnd, ckpt)
         if self.versions.latest() == rnd:  # a resumed round may have written it already
             self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
+        if trainer is not None and rnd + 1 < cfg.rounds:
+            trainer.publish(rnd + 1, self.versions.read(rnd + 1))
         teachers = svc.teacher_stats()
         row = {
             "round": rnd,
@@ -366,7 +484,7 @@ class EvolveRun:
             "images_bought": sum(s["paid_calls"] for s in teachers.values()),
             "spend": {n: round(s["spent"], 4) for n, s in teachers.items()},
             "heldout": acc,
-            "train_s": round(t_train, 1),
+            **timing,
             "round_s": round(time.time() - t, 1),
         }
         write_json_atomic(self.folder.round_stats(rnd), row)

@@ -48,6 +48,8 @@ def pretrain_base(work_dir: Path, *, student_cfg: StudentConfig, train_cfg: Trai
 
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
+    # The curriculum is the whole dataset here: nothing to replay it against.
+    train_cfg = train_cfg.model_copy(update={"replay_fraction": 0.0})
     spec = {"student": student_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
             "steps": steps, "per_prompt": per_prompt, "seed": seed}
     spec_path = work_dir / "pretrain.json"

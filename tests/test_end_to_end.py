@@ -74,3 +74,65 @@ def test_run_folder_refuses_other_config(ray_local, tmp_path):
     RunConfig(run_dir=tmp_path / "run", seed=99).save(tmp_path / "run" / "config.json")
     with pytest.raises(ValueError, match="another config"):
         EvolveRun(cfg).run()
+
+
+def train_worker_pids() -> list[int]:
+    """Processes of live Ray Train workers (Ray titles them ray::RayTrainWorker)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.integration
+def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
+    """A training worker dies (SIGKILL) mid-run: Ray Train replaces the worker
+    group from the last checkpoint, the feed hands the new workers the current
+    data, and the run finishes every round with nothing bought twice."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from evolve.driver import EvolveRun
+
+    cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
+        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 3})
+    assert cfg.train.schedule == "continuous" and cfg.train.max_failures >= 1
+    result: dict = {}
+
+    def main():
+        try:
+            result["report"] = EvolveRun(cfg, progress=lambda *_: None).run()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the test below
+            result["error"] = e
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    live = tmp_path / "run" / "checkpoints" / "live"
+    deadline = time.time() + 300
+    while not (live.exists() and any(live.glob("step_*"))):
+        assert t.is_alive() and time.time() < deadline, result.get("error", "no snapshot in time")
+        time.sleep(0.5)
+    pids = train_worker_pids()
+    assert pids, "no training worker to kill"
+    os.kill(pids[-1], signal.SIGKILL)
+    t.join(600)
+    assert not t.is_alive(), "the run did not finish"
+    if "error" in result:
+        raise result["error"]
+    run = tmp_path / "run"
+    assert all((run / "rounds" / f"round_{r:03d}.json").exists() for r in range(3))
+    assert DatasetVersions(run / "datasets").versions() == [0, 1, 2, 3]
+    trainer = json.loads((run / "rounds" / "trainer.json").read_text())
+    assert trainer["steps"] > 0 and 0 <= trainer["wait_fraction"] < 1
+    rounds = [json.loads((run / "rounds" / f"round_{r:03d}.json").read_text()) for r in range(3)]
+    assert [r["trainer_step"] for r in rounds] == sorted(r["trainer_step"] for r in rounds)
+    entries = Ledger(run / "ledger.jsonl").entries()
+    keys = [(e["teacher"], e["prompt"], e["seed"], e["size"]) for e in entries]
+    assert len(keys) == len(set(keys)) and result["report"]["total_images_bought"] == len(entries)

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,7 +70,13 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
     env, address = ray_head
     run_dir = tmp_path / "run"
-    entry = (f"evolve run --config {ROOT / 'configs' / 'tiny.yaml'} --run-dir {run_dir} "
+    # The "rounds" schedule here (one fit() per round); the other end-to-end
+    # tests run the default "continuous" one.
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["train"]["schedule"] = "rounds"
+    config = tmp_path / "tiny-rounds.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    entry = (f"evolve run --config {config} --run-dir {run_dir} "
              f"--rounds 1 --from-scratch --serve-port {free_port()}")
     proc = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "evolve-test",
@@ -79,7 +86,7 @@ def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower(), out[-4000:]
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["rounds"][0]["round"] == 0
+    assert report["rounds"][0]["round"] == 0 and "train_s" in report["rounds"][0]
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "evolve-test"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert "succeeded" in (status.stdout + status.stderr).lower()

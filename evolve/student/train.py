@@ -77,15 +77,19 @@ def load_checkpoint(directory: str | Path, student: Student, ema: EMA,
 # -- data ----------------------------------------------------------------------------
 def load_shard(shard, image_size: int) -> tuple[list[str], torch.Tensor]:
     """Read one pass of a Ray Data shard into (prompts, uint8 images (N, 3, S, S))."""
+    rows = [{"prompt": p, "image": b} for batch in shard.iter_batches(batch_size=256, batch_format="numpy")
+            for p, b in zip(batch["prompt"], batch["image"])]
+    if not rows:
+        raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
+    return rows_to_tensors(rows, image_size)
+
+
+def rows_to_tensors(rows: list[dict], image_size: int) -> tuple[list[str], torch.Tensor]:
+    """Rows {prompt, image: PNG bytes} -> (prompts, uint8 images (N, 3, S, S))."""
     from evolve.shapes.render import from_png
 
-    prompts, images = [], []
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        prompts += [str(p) for p in batch["prompt"]]
-        images += [from_png(bytes(b), image_size) for b in batch["image"]]
-    if not images:
-        raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
-    return prompts, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    images = np.stack([from_png(bytes(r["image"]), image_size) for r in rows])
+    return [str(r["prompt"]) for r in rows], torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator):
@@ -105,14 +109,28 @@ def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
 # -- the loop ------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker loop. config: {"student": StudentConfig dict, "train":
-    TrainConfig dict, "steps": int, "init_checkpoint": str | None}."""
+    TrainConfig dict, "steps": int | None, "init_checkpoint": str | None,
+    "feed": TrainerFeed actor name | None, "snapshot_dir": str | None}.
+
+    Without a feed it trains `steps` steps on the "train" dataset shard. With a
+    feed (continuous training) it asks the feed at every `poll_every`-th step
+    boundary which dataset version to train on, swaps its shard in place when a
+    new one is published, writes an EMA snapshot when the feed says the loop
+    wants one (also a Ray Train checkpoint, to resume from), and returns when
+    the feed says stop (or at `steps`, if given)."""
+    import ray
     import ray.train
     import ray.train.torch
+    from ray.data import DataContext
     from ray.train import Checkpoint
 
+    # A shard is read in one go; its progress bar would only repeat in the logs.
+    DataContext.get_current().enable_progress_bars = False
     scfg = StudentConfig.model_validate(config["student"])
     tcfg = TrainConfig.model_validate(config["train"])
-    steps = int(config["steps"])
+    steps = None if config.get("steps") is None else int(config["steps"])
+    feed = ray.get_actor(config["feed"]) if config.get("feed") else None
+    snapshot_dir = Path(config["snapshot_dir"]) if config.get("snapshot_dir") else None
     torch.set_num_threads(int(config.get("threads", tcfg.torch_threads)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -139,11 +157,53 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = ray.train.torch.prepare_model(student)
     noise_sched = make_noise_scheduler(scfg)
-    prompts, images = load_shard(ray.train.get_dataset_shard("train"), scfg.image_size)
     local_bs = max(1, tcfg.batch_size // world)
+    # Prior preservation: part of every batch replays exact renders of the base
+    # curriculum (what the base student was pretrained on; no teacher image),
+    # so that skills whose prompts the loop deleted are not forgotten.
+    n_replay = round(local_bs * tcfg.replay_fraction) if tcfg.replay_fraction > 0 else 0
+    if n_replay:
+        from evolve.pretrain import curriculum
+
+        r_prompts, r_images = rows_to_tensors(curriculum(tcfg.replay_per_prompt, scfg.image_size,
+                                                         seed=1000 + rank), scfg.image_size)
+        replay_order = batches(len(r_prompts), n_replay, torch.Generator().manual_seed(tcfg.seed + rank + total))
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank + 7919 * total)
     rng = random.Random(tcfg.seed * 1000 + rank + 7919 * total)
-    order = batches(len(prompts), local_bs, gen)
+    data = {"version": None, "wait_s": 0.0}
+
+    def use_shard(shard) -> None:
+        data["prompts"], data["images"] = load_shard(shard, scfg.image_size)
+        data["order"] = batches(len(data["prompts"]), max(1, local_bs - n_replay), gen)
+
+    def poll_feed() -> dict:
+        """Swap in a newly published dataset version; the feed's answer."""
+        t = time.perf_counter()
+        progress = {"step": step, "train_s": t - t_start, "data_wait_s": data["wait_s"],
+                    "loss": state.get("loss")} if rank == 0 else None
+        ans = ray.get(feed.poll.remote(rank, step, data["version"], progress))
+        if ans["shard"] is not None:
+            use_shard(ans["shard"])
+            data["version"] = ans["version"]
+        data["wait_s"] += time.perf_counter() - t
+        return ans
+
+    def write_snapshot(metrics: dict) -> None:
+        """EMA weights for the loop to sample: written whole, then renamed."""
+        final = snapshot_dir / f"step_{step:07d}"
+        tmp = snapshot_dir / f".step_{step:07d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp, ema=ema)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(snapshot_dir.glob("step_*"))[:-tcfg.keep_snapshots]:
+            shutil.rmtree(old, ignore_errors=True)
+        ray.get(feed.snapshot.remote(step, str(final), {**metrics, "version": data["version"]}))
+
+    if feed is None:
+        use_shard(ray.train.get_dataset_shard("train"))
+    else:
+        snapshot_dir.mkdir(parents=True, exist_ok=True)
 
     def lr_at(n: int) -> float:
         n -= warm_offset
@@ -167,10 +227,27 @@ def train_loop_per_worker(config: dict) -> None:
     t_start = time.perf_counter()
     checkpointed = False
     losses, seen, t_last = [], 0, time.perf_counter()
-    while step < steps:
-        idx = next(order)
-        x = to_model_range(images[idx])
-        ids, mask = student.encode_prompts(drop_prompts([prompts[i] for i in idx], tcfg.cond_drop, rng))
+    while steps is None or step < steps:
+        if feed is not None and (data["version"] is None or step % tcfg.poll_every == 0):
+            ans = poll_feed()
+            if ans["snapshot"] and step > 0:  # the loop waits for weights after this many steps
+                metrics = {"step": step, "total_steps": total, "data_wait_s": data["wait_s"],
+                           "train_s": time.perf_counter() - t_start, "loss": state.get("loss")}
+                if rank == 0:
+                    write_snapshot(metrics)
+                report(metrics, True)  # every rank reports; the snapshot is a resume point too
+                checkpointed = True
+            if ans["stop"]:
+                break
+        prompts, images = data["prompts"], data["images"]
+        idx = next(data["order"])
+        batch_prompts, x = [prompts[i] for i in idx], images[idx]
+        if n_replay:
+            ridx = next(replay_order)
+            batch_prompts += [r_prompts[i] for i in ridx]
+            x = torch.cat([x, r_images[ridx]])
+        x = to_model_range(x)
+        ids, mask = student.encode_prompts(drop_prompts(batch_prompts, tcfg.cond_drop, rng))
         for g in opt.param_groups:
             g["lr"] = lr_at(total)
         loss = training_loss(model, noise_sched, x, ids, mask, scfg.prediction_type, tcfg.t_shift, gen)
@@ -183,13 +260,15 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         total += 1
         losses.append(loss.item())
-        seen += len(idx) * world
+        seen += len(x) * world
         last = step == steps
         if step % tcfg.report_every == 0 or last:
             now = time.perf_counter()
             metrics = {"loss": float(np.mean(losses)), "step": step, "total_steps": total,
                        "images_per_s": seen / max(now - t_last, 1e-9), "lr": lr_at(total - 1),
-                       "epoch": step * local_bs / len(prompts)}
+                       "epoch": step * local_bs / len(prompts), "data_wait_s": data["wait_s"],
+                       "train_s": now - t_start}
+            state["loss"] = metrics["loss"]
             ckpt = last or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
             report(metrics, bool(ckpt))
             checkpointed = bool(ckpt)
@@ -199,31 +278,46 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # -- driver side -----------------------------------------------------------------------
-def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, steps: int,
+def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, steps: int | None,
                 storage_path: str | Path, name: str, init_checkpoint: str | Path | None = None,
-                out_dir: str | Path | None = None) -> str:
+                out_dir: str | Path | None = None, feed: str | None = None,
+                snapshot_dir: str | Path | None = None) -> str:
     """Train with a TorchTrainer and return a plain checkpoint directory that
     `Student.from_pretrained` loads: `out_dir` if given (replaced), else the
     run's own final checkpoint folder under storage_path/name.
 
     Calling it again with the same storage_path and name resumes that run from
-    its latest checkpoint (step count included) up to `steps`."""
-    from ray.train import RunConfig, ScalingConfig
+    its latest checkpoint (step count included) up to `steps`.
+
+    Continuous training: `dataset=None`, `feed` names a TrainerFeed actor that
+    hands out dataset versions and says when to stop, `snapshot_dir` receives
+    the EMA snapshots; `steps=None` trains until the feed says stop. A worker
+    that dies is replaced and the group resumes from the last checkpoint
+    (`train_cfg.max_failures` times)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    if (feed is None) == (dataset is None):
+        raise ValueError("fit_student needs either a dataset or a feed, not both")
+    if feed is not None and snapshot_dir is None:
+        raise ValueError("continuous training (feed) needs a snapshot_dir")
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "student": student_cfg.model_dump(mode="json"),
             "train": train_cfg.model_dump(mode="json"),
-            "steps": int(steps),
+            "steps": None if steps is None else int(steps),
             "threads": train_cfg.torch_threads,
             "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+            "feed": feed,
+            "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name),
-        datasets={"train": dataset},
+        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
+        datasets=None if dataset is None else {"train": dataset},
     )
     result = trainer.fit()
     if result.error is not None:  # pragma: no cover - fit() raises first in V2

@@ -1,0 +1,105 @@
+"""The meeting point of the loop and a trainer that never stops.
+
+The loop publishes dataset versions (one Ray Data shard per training worker);
+the trainer's workers poll at step boundaries and swap their data in place,
+without restarting; when the loop asks for weights trained n steps on a
+version, rank 0 writes an EMA snapshot at the next step boundary after that,
+which the loop samples, scores and judges while training goes on.
+
+    feed = TrainerFeed.options(name="trainer-feed:<run>").remote(world_size)
+    feed.publish.remote(version, shards)          # loop: new data
+    feed.poll.remote(rank, step, have_version)    # worker: {"version", "stop", "snapshot", "shard"}
+    feed.snapshot.remote(step, path, metrics)     # rank 0: new EMA weights on disk
+    feed.wait_snapshot.remote(version, n)         # loop: >= n steps trained on that version
+    feed.finish.remote()                          # loop: workers checkpoint and return
+
+Every rank that polls at the same step gets the same answer (the first poll of
+a step fixes it), so all workers switch data at one step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import ray
+
+
+class Feed:
+    def __init__(self, world_size: int) -> None:
+        self.world = world_size
+        self.version: int | None = None
+        self.shards: dict[int, list] = {}  # version -> one shard per rank (the last few versions)
+        self.first_step: dict[int, int] = {}  # version -> step at which training on it began
+        self.answers: dict[int, dict] = {}  # step -> what every rank polling at it is told
+        self.stopping = False
+        self.snapshots: list[dict] = []
+        self.wanted: dict[int, int] = {}  # version -> steps on it after which the loop wants weights
+        self.changed = asyncio.Condition()
+        self.metrics: dict = {}
+
+    # -- loop side ---------------------------------------------------------------
+    def publish(self, version: int, shards: list) -> None:
+        if len(shards) != self.world:
+            raise ValueError(f"{len(shards)} shards for {self.world} training workers")
+        self.version = version
+        self.shards[version] = shards
+        for v in [v for v in self.shards if v < version - 2]:
+            del self.shards[v]
+
+    def finish(self) -> None:
+        self.stopping = True
+
+    async def wait_snapshot(self, version: int, min_steps: int) -> dict:
+        """The first snapshot taken after >= min_steps of training on `version`."""
+        def ready():
+            start = self.first_step.get(version)
+            if start is None:
+                return None
+            return next((s for s in self.snapshots if s["step"] >= start + min_steps), None)
+
+        self.wanted[version] = max(min_steps, self.wanted.get(version, 0))
+        async with self.changed:
+            await self.changed.wait_for(ready)
+        self.wanted.pop(version, None)
+        return ready()
+
+    def status(self) -> dict:
+        return {"version": self.version, "first_step": dict(self.first_step), "stopping": self.stopping,
+                "snapshots": list(self.snapshots), "metrics": dict(self.metrics)}
+
+    # -- trainer side ------------------------------------------------------------
+    async def poll(self, rank: int, step: int, have_version: int | None, metrics: dict | None = None) -> dict:
+        """What rank `rank` trains on from `step`: {"version", "stop", "snapshot"
+        (rank 0 writes one now), "shard" (only when it is not the version the
+        rank already has)}. `metrics`: the trainer's progress, for status()."""
+        self.metrics.update(metrics or {})
+        ans = self.answers.get(step)
+        if ans is None:
+            if self.version is None:
+                raise RuntimeError("the trainer polled before any dataset version was published")
+            self.first_step.setdefault(self.version, step)
+            due = any(v in self.first_step and self.first_step[v] + n <= step and
+                      not any(s["step"] >= self.first_step[v] + n for s in self.snapshots)
+                      for v, n in self.wanted.items())
+            ans = {"version": self.version, "stop": self.stopping, "snapshot": due}
+            self.answers[step] = ans
+            for s in [s for s in self.answers if s < step - 1000]:
+                del self.answers[s]
+            async with self.changed:
+                self.changed.notify_all()
+        v = ans["version"]
+        if v not in self.shards:  # a restarted worker asking about a step long past
+            v = self.version
+        return {**ans, "version": v, "shard": None if v == have_version else self.shards[v][rank]}
+
+    async def snapshot(self, step: int, path: str, metrics: dict | None = None) -> None:
+        self.snapshots = self.snapshots[-99:] + [{"step": step, "path": path, "time": time.time()}]
+        self.metrics.update(metrics or {})
+        async with self.changed:
+            self.changed.notify_all()
+
+
+# The actor: no CPU of its own (it only answers small calls), async so that
+# wait_snapshot() can wait while polls and snapshots come in.
+TrainerFeed = ray.remote(num_cpus=0)(Feed)
