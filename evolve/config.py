@@ -189,6 +189,8 @@ class TrainConfig(_Strict):
                             "(a new dataset version, a snapshot wanted, stop)")
     keep_snapshots: int = Field(3, ge=1, description="continuous: EMA snapshots kept on disk")
     max_failures: int = Field(2, ge=0, description="dead workers replaced before the training run fails")
+    worker_nice: int = Field(10, ge=0, le=19, description="CPU niceness of training workers: on shared CPUs "
+                             "the loop's sampling and judging go first, training uses what is left")
     seed: int = 0
 
 

@@ -13,6 +13,7 @@ the first round whose statistics are missing.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -158,7 +159,11 @@ def version_dataset(folder: RunFolder, records: list[Record]):
 
     # A sliver of CPU per Data task: with 2 CPUs the train workers' share plus
     # the actors leave less than one whole CPU, and a 1-CPU Data task would wait forever.
-    return ray.data.from_items(rows).map_batches(load, batch_format="numpy", num_cpus=0.25)
+    ds = ray.data.from_items(rows).map_batches(load, batch_format="numpy", num_cpus=0.25)
+    # Workers read a shard in one go; an open progress bar there would only
+    # repeat itself in the logs for as long as the shard is in use.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: int,
@@ -414,17 +419,24 @@ class EvolveRun:
                 acc = self.score_heldout(init, "init")
                 write_json_atomic(baseline_path, {"heldout": acc})
                 self.say(f"start: held-out accuracy {acc['overall']:.1%}")
-            if cfg.train.schedule == "continuous" and start < cfg.rounds:
-                trainer = ContinuousTrainer(cfg, self.folder, init)
-                trainer.publish(start, self.versions.read(start))
-            for rnd in range(start, cfg.rounds):
-                ckpt = self.play_round(svc, rnd, init, trainer)
-                init = ckpt
-            if trainer is not None:
-                self.trainer_summary(trainer, time.time() - t0)
-                trainer, closing = None, trainer
-                closing.close()
-            report = self.final_report(svc, time.time() - t0)
+            final = None
+            if cfg.train.schedule == "continuous":
+                final_path = self.folder.rounds / f"final_v{cfg.rounds:04d}.json"
+                if start < cfg.rounds or not final_path.exists():
+                    trainer = ContinuousTrainer(cfg, self.folder, init)
+                    trainer.publish(start, self.versions.read(start))
+                for rnd in range(start, cfg.rounds):
+                    self.play_round(svc, rnd, init, trainer)
+                if trainer is not None:
+                    self.final_student(trainer, final_path)
+                    self.trainer_summary(trainer, time.time() - t0)
+                    trainer, closing = None, trainer
+                    closing.close()
+                final = json.loads(final_path.read_text())
+            else:
+                for rnd in range(start, cfg.rounds):
+                    init = self.play_round(svc, rnd, init)
+            report = self.final_report(svc, time.time() - t0, final)
         finally:
             if trainer is not None:  # an error on the way: stop training, keep the error
                 try:
@@ -433,6 +445,20 @@ class EvolveRun:
                     log.exception("stopping the trainer")
             svc.close()
         return report
+
+    def final_student(self, trainer: "ContinuousTrainer", path: Path) -> None:
+        """Continuous schedule: the run's student is trained on the last evolved
+        version too (the rounds schedule stops before it): steps_per_round on
+        it, then scored on the held-out set like every round."""
+        if path.exists():
+            return
+        last, t = self.cfg.rounds, time.time()  # version `last` was published by the last round
+        ckpt = self.folder.checkpoints / "final"
+        snap = trainer.weights_after(last, self.cfg.train.steps_per_round, ckpt)
+        acc = self.score_heldout(str(ckpt), "final")
+        write_json_atomic(path, {"version": last, "trainer_step": snap["step"], "checkpoint": str(ckpt),
+                                 "heldout": acc, "final_s": round(time.time() - t, 1)})
+        self.say(f"final student (v{last:04d}, step {snap['step']}): held-out {acc['overall']:.1%}")
 
     def trainer_summary(self, trainer: "ContinuousTrainer", wall_s: float) -> dict:
         """How the continuous trainer spent the run: steps, and the time its
@@ -461,15 +487,25 @@ class EvolveRun:
             snap = trainer.weights_after(rnd, cfg.train.steps_per_round, self.folder.checkpoint(rnd))
             ckpt = str(self.folder.checkpoint(rnd))
             timing = {"trainer_step": snap["step"], "waited_for_trainer_s": round(time.time() - t, 1)}
-        acc = self.score_heldout(ckpt, rnd)
-        judged, plan, stats = self.judge_round(svc, records, ckpt, rnd)
+        phases = {}  # where the round's time goes
+
+        def timed(name, fn, *args):
+            t0 = time.time()
+            out = fn(*args)
+            phases[name] = round(time.time() - t0, 1)
+            return out
+
+        acc = timed("heldout_s", self.score_heldout, ckpt, rnd)
+        judged, plan, stats = timed("judge_s", self.judge_round, svc, records, ckpt, rnd)
         # The last round evolves too: its version is the run's evolved dataset,
         # and a run resumed with more rounds trains on it.
-        nxt, added = self.evolve(svc, records, plan, rnd, ckpt)
+        nxt, added = timed("evolve_s", self.evolve, svc, records, plan, rnd, ckpt)
+        t0 = time.time()
         if self.versions.latest() == rnd:  # a resumed round may have written it already
             self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
-        if trainer is not None and rnd + 1 < cfg.rounds:
+        if trainer is not None:
             trainer.publish(rnd + 1, self.versions.read(rnd + 1))
+        phases["publish_s"] = round(time.time() - t0, 1)
         teachers = svc.teacher_stats()
         row = {
             "round": rnd,
@@ -485,6 +521,7 @@ class EvolveRun:
             "spend": {n: round(s["spent"], 4) for n, s in teachers.items()},
             "heldout": acc,
             **timing,
+            "phases": phases,
             "round_s": round(time.time() - t, 1),
         }
         write_json_atomic(self.folder.round_stats(rnd), row)
@@ -494,7 +531,7 @@ class EvolveRun:
                  f"  ({row['round_s']:.0f} s)")
         return ckpt
 
-    def final_report(self, svc: Services, wall_s: float) -> dict:
+    def final_report(self, svc: Services, wall_s: float, final: dict | None = None) -> dict:
         from evolve.report import write_report
 
         bought = svc.buy(list(zip(self.heldout, self.heldout_seeds)))
@@ -503,7 +540,7 @@ class EvolveRun:
             imgs = [from_png(self.store.get(r["ref"])) if "ref" in r else np.zeros((1, 1, 3), np.uint8)
                     for r in res]
             teachers[t] = score(self.heldout, imgs).to_dict()
-        return write_report(self.folder, teachers, svc.teacher_stats(), wall_s, self.say)
+        return write_report(self.folder, teachers, svc.teacher_stats(), wall_s, self.say, final)
 
 
 def save_grid(images: list[np.ndarray], path: Path, scale: int = 3) -> None:

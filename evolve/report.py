@@ -13,17 +13,24 @@ def load_rounds(rounds_dir: Path) -> list[dict]:
 
 
 def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dict], wall_s: float,
-                 say=print) -> dict:
-    """Write report.json, report.md and accuracy.png into the run folder."""
+                 say=print, final: dict | None = None) -> dict:
+    """Write report.json, report.md and accuracy.png into the run folder.
+
+    `final`: the student trained on the last evolved version (continuous
+    schedule); else the final student is the last round's."""
     rounds = load_rounds(folder.rounds)
     baseline = json.loads((folder.rounds / "baseline.json").read_text())["heldout"]
     curve = [baseline["overall"]] + [r["heldout"]["overall"] for r in rounds]
+    if final is not None:
+        curve.append(final["heldout"]["overall"])
     report = {
         "wall_s": round(wall_s, 1),
         "student": {
             "start": baseline,
-            "final": rounds[-1]["heldout"] if rounds else baseline,
+            "final": final["heldout"] if final else rounds[-1]["heldout"] if rounds else baseline,
             "heldout_by_round": curve,
+            "final_after": ({"version": final["version"], "trainer_step": final["trainer_step"]} if final
+                            else {"round": rounds[-1]["round"] if rounds else None}),
         },
         "teachers": teachers,
         "teacher_stats": teacher_stats,
@@ -57,6 +64,10 @@ def _markdown(rep: dict) -> str:
     for r in rep["rounds"]:
         out.append(f"| {r['round']} | {r['heldout']['overall']:.1%} | {r['student_win_rate']:.0%} | "
                    f"{r['dataset_size']} | {r['images_bought']} | ${sum(r['spend'].values()):.2f} |\n")
+    fa = rep["student"]["final_after"]
+    if "version" in fa:
+        out.append(f"\nThe final student was trained on the last evolved version v{fa['version']:04d} "
+                   f"(snapshot at trainer step {fa['trainer_step']}).\n")
     return "".join(out)
 
 
@@ -70,7 +81,7 @@ def _plot(curve: list[float], teachers: dict[str, dict], path: Path) -> None:
     ax.plot(range(-1, len(curve) - 1), curve, marker="o", label="student")
     for t, s in teachers.items():
         ax.axhline(s["overall"], ls="--", lw=1, label=f"teacher {t}", color=None)
-    ax.set_xlabel("round (-1 = start)")
+    ax.set_xlabel("round (-1 = start)" + ("; last point: final student" if len(curve) > 1 else ""))
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)

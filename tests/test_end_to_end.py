@@ -32,12 +32,18 @@ def test_tiny_run_end_to_end_and_resume(ray_local, tmp_path):
 
     # Every artefact the issue asks for is in the run folder.
     assert (run / "report.json").exists() and (run / "report.md").exists() and (run / "accuracy.png").exists()
-    assert sorted(p.name for p in (run / "grids").iterdir()) == ["round_0.png", "round_1.png", "round_init.png"]
+    assert sorted(p.name for p in (run / "grids").iterdir()) == ["round_0.png", "round_1.png", "round_final.png",
+                                                                 "round_init.png"]
     rounds = [json.loads((run / "rounds" / f"round_{r:03d}.json").read_text()) for r in range(2)]
     for r in rounds:
         assert {"student_win_rate", "dataset_size", "images_bought", "spend", "teacher_wins", "heldout"} <= set(r)
     assert set(report["teachers"]) == {"aurora", "brush"}
-    assert len(report["student"]["heldout_by_round"]) == 3
+    # start, two rounds, and the final student trained on the last version (v2)
+    assert len(report["student"]["heldout_by_round"]) == 4
+    final = json.loads((run / "rounds" / "final_v0002.json").read_text())
+    assert report["student"]["final"] == final["heldout"] and final["version"] == 2
+    assert final["trainer_step"] > rounds[-1]["trainer_step"]
+    assert set(rounds[0]["phases"]) == {"heldout_s", "judge_s", "evolve_s", "publish_s"}
 
     versions = DatasetVersions(run / "datasets")
     assert versions.versions() == [0, 1, 2]
@@ -132,7 +138,8 @@ def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
     trainer = json.loads((run / "rounds" / "trainer.json").read_text())
     assert trainer["steps"] > 0 and 0 <= trainer["wait_fraction"] < 1
     rounds = [json.loads((run / "rounds" / f"round_{r:03d}.json").read_text()) for r in range(3)]
-    assert [r["trainer_step"] for r in rounds] == sorted(r["trainer_step"] for r in rounds)
+    steps = [r["trainer_step"] for r in rounds] + [json.loads((run / "rounds" / "final_v0003.json").read_text())["trainer_step"]]
+    assert steps == sorted(steps)
     entries = Ledger(run / "ledger.jsonl").entries()
     keys = [(e["teacher"], e["prompt"], e["seed"], e["size"]) for e in entries]
     assert len(keys) == len(set(keys)) and result["report"]["total_images_bought"] == len(entries)

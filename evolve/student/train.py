@@ -121,13 +121,14 @@ def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from ray.data import DataContext
     from ray.train import Checkpoint
 
-    # A shard is read in one go; its progress bar would only repeat in the logs.
-    DataContext.get_current().enable_progress_bars = False
     scfg = StudentConfig.model_validate(config["student"])
     tcfg = TrainConfig.model_validate(config["train"])
+    if tcfg.worker_nice:
+        # On shared CPUs the loop's sampling and judging are what someone waits
+        # for; training takes the CPU time they leave (it never waits on them).
+        os.nice(tcfg.worker_nice)
     steps = None if config.get("steps") is None else int(config["steps"])
     feed = ray.get_actor(config["feed"]) if config.get("feed") else None
     snapshot_dir = Path(config["snapshot_dir"]) if config.get("snapshot_dir") else None
