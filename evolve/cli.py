@@ -179,6 +179,44 @@ def pretrain_base_cmd(
                ", ".join(f"{c} {a:.0%}" for c, a in acc["per_category"].items()))
 
 
+@app.command("serve")
+def serve_edgen(
+    checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint folder (default: shipped base)"),
+    port: int = typer.Option(8000, help="HTTP port on 127.0.0.1"),
+    config: Optional[Path] = typer.Option(None, help="YAML or JSON EdgenServeConfig"),
+    api_key_env: Optional[str] = typer.Option(None, help="env var with the bearer token clients must send"),
+):
+    """Serve a student (Edgen) with the OpenAI Images API on Ray Serve until Ctrl-C.
+
+    POST /v1/images/generations, GET /v1/models, GET /generate?prompt=..."""
+    import time
+
+    import yaml
+    from pydantic import ValidationError
+    from ray import serve
+
+    from evolve.config import EdgenServeConfig
+    from evolve.ray_env import connect
+    from serve.edgen import build_edgen_app
+
+    try:
+        data = yaml.safe_load(config.read_text()) if config else {}
+        data.update({k: v for k, v in {"checkpoint": checkpoint, "api_key_env": api_key_env}.items() if v})
+        cfg = EdgenServeConfig.model_validate(data or {})
+        app_ = build_edgen_app(cfg)
+    except (ValidationError, FileNotFoundError, OSError, yaml.YAMLError) as e:
+        _fail(f"bad serve configuration: {e}")
+    connect()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_, name="edgen", route_prefix="/")
+    typer.echo(f"Edgen ({cfg.model_name}) at http://127.0.0.1:{port}/v1 ; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 @teachers_app.command("serve")
 def teachers_serve(
     config: Optional[Path] = typer.Option(None, help="RunConfig whose teachers to serve"),

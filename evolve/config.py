@@ -210,6 +210,33 @@ class JudgeConfig(_Strict):
     seed: int = 0
 
 
+class EdgenServeConfig(_Strict):
+    """Edgen inference: the student behind the OpenAI Images API (serve/edgen.py)."""
+
+    checkpoint: Path | None = Field(None, description="student checkpoint folder; None = shipped base")
+    model_name: str = Field("edgen", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    max_n: int = Field(8, ge=1, le=128, description="most images per request")
+    max_prompt_chars: int = Field(300, ge=1)
+    max_body_bytes: int = Field(16384, ge=256, description="larger request bodies get 413")
+    max_steps: int = Field(100, ge=1)
+    max_guidance: float = Field(20.0, ge=1)
+    default_steps: int = Field(20, ge=1)
+    default_guidance: float = Field(2.0, ge=1)
+    grammar_check: bool = Field(True, description="shapes world: prompts outside the grammar are a 400")
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch: images sampled together")
+    batch_wait_s: float = Field(0.02, ge=0)
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling_config: dict | None = Field(None, description="Serve autoscaling (with num_replicas 'auto')")
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="a GPU per replica on clusters")
+    torch_threads: int = Field(2, ge=1)
+    api_key_env: str | None = Field(None, description="env var holding the bearer token; None = no auth")
+    # Hot reload: watch a folder of checkpoints (a run's checkpoints/live or
+    # checkpoints/) and switch to the newest complete one; off = pinned.
+    watch_dir: Path | None = Field(None, description="folder whose newest checkpoint subfolder is served")
+    watch_every_s: float = Field(5.0, gt=0)
+
+
 class EvolutionConfig(_Strict):
     expand_k: int = Field(3, ge=0, description="variants per prompt where the teacher wins")
     mutate_prob: float = Field(0.2, ge=0, le=1, description="chance per round of mutation")

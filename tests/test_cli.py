@@ -112,3 +112,12 @@ def test_teachers_serve_prints_urls_that_answer():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_missing_checkpoint_or_a_bad_config(tmp_path):
+    r = runner.invoke(app, ["serve", "--checkpoint", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and "no student checkpoint" in r.output
+    bad = tmp_path / "edgen.yaml"
+    bad.write_text("max_n: 0\n")
+    r = runner.invoke(app, ["serve", "--config", str(bad)])
+    assert r.exit_code != 0 and "max_n" in r.output

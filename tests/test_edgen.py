@@ -1,0 +1,190 @@
+"""Edgen inference: request checks as unit tests, and the Serve app end to end
+with the official `openai` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from evolve.config import EdgenServeConfig
+from serve.edgen import ApiError, Edgen
+
+Impl = Edgen.func_or_class  # the plain class behind the deployment
+
+
+def fake(cfg: EdgenServeConfig | None = None):
+    return SimpleNamespace(cfg=cfg or EdgenServeConfig(), size=32)
+
+
+def parse(body, cfg=None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return Impl._parse(fake(cfg), raw)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"prompt": "   "}, 400, "prompt is empty"),
+    ({"prompt": "a red circle " * 40}, 400, "over 300"),
+    ({"prompt": "a red circle", "n": 9}, 400, "n must be 1 to 8"),
+    ({"prompt": "a red circle", "n": 0}, 400, "n must be 1 to 8"),
+    ({"prompt": "a red circle", "size": "1024x1024"}, 400, "sizes: ['32x32']"),
+    ({"prompt": "a red circle", "response_format": "url"}, 400, "b64_json"),
+    ({"prompt": "a red circle", "colour": "red"}, 400, "unknown field 'colour'"),
+    ({"prompt": "a red circle", "n": "three"}, 400, "n:"),
+    ({"prompt": "a mauve circle"}, 400, "mauve"),
+    ({"prompt": "a red circle", "model": "dall-e-3"}, 404, "not served here"),
+])
+def test_bad_requests_get_a_4xx_that_names_the_problem(body, status, words):
+    with pytest.raises(ApiError) as e:
+        parse(body)
+    assert e.value.status == status and words in e.value.message
+    assert json.loads(e.value.response().body)["error"]["message"] == e.value.message
+
+
+def test_good_request_and_sampling_limits():
+    req = parse({"prompt": "  three triangles ", "n": 2, "size": "32x32", "seed": 7, "model": "edgen"})
+    assert req.prompt == "three triangles" and Impl._seeds(req) == [7, 8]
+    assert Impl._sampling(fake(), req) == (20, 2.0)
+    with pytest.raises(ApiError, match="num_inference_steps must be 1 to 100"):
+        Impl._sampling(fake(), req.model_copy(update={"num_inference_steps": 500}))
+    with pytest.raises(ApiError, match="guidance_scale must be 1 to 20"):
+        Impl._sampling(fake(), req.model_copy(update={"guidance_scale": 0.5}))
+    # Outside the shapes world, any prompt goes through.
+    assert parse({"prompt": "a mauve circle"}, EdgenServeConfig(grammar_check=False)).prompt == "a mauve circle"
+
+
+def test_bearer_token(monkeypatch):
+    cfg = EdgenServeConfig(api_key_env="EDGEN_TEST_KEY")
+    me = fake(cfg)
+
+    def request(auth=None):
+        return SimpleNamespace(headers={"authorization": auth} if auth else {})
+    monkeypatch.delenv("EDGEN_TEST_KEY", raising=False)
+    with pytest.raises(ApiError) as e:
+        Impl._authorize(me, request("Bearer x"))
+    assert e.value.status == 500 and "x" not in e.value.message
+    monkeypatch.setenv("EDGEN_TEST_KEY", "s3cret")
+    for bad in (None, "Bearer wrong", "s3cret"):
+        with pytest.raises(ApiError) as e:
+            Impl._authorize(me, request(bad))
+        assert e.value.status == 401 and "s3cret" not in e.value.message
+    Impl._authorize(me, request("Bearer s3cret"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_openai_client_against_the_serve_app(ray_local):
+    import openai
+    from PIL import Image
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from serve.edgen import build_edgen_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    handle = serve.run(build_edgen_app(EdgenServeConfig(default_steps=4, batch_wait_s=0.2)),
+                       name="edgen", route_prefix="/edgen")
+    base = f"http://127.0.0.1:{_get_global_client().http_config.port}/edgen"
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["edgen"]
+        res = client.images.generate(model="edgen", prompt="three triangles", n=3, size="32x32",
+                                     response_format="b64_json", extra_body={"seed": 5})
+        pngs = [base64.b64decode(d.b64_json) for d in res.data]
+        imgs = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]
+        assert len(imgs) == 3 and all(i.shape == (32, 32, 3) for i in imgs)
+        # An image depends on its prompt and seed only, not on its batch-mates.
+        one = client.images.generate(prompt="three triangles", extra_body={"seed": 6})
+        assert base64.b64decode(one.data[0].b64_json) == pngs[1]
+        info = handle.info.remote().result()
+        assert info["images"] == 4 and info["max_batch"] == 3  # the n=3 request ran as one batch
+
+        with pytest.raises(openai.BadRequestError, match="mauve"):
+            client.images.generate(prompt="a mauve circle")
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            client.images.generate(model="dall-e-3", prompt="a red circle")
+
+        with urllib.request.urlopen(f"{base}/generate?prompt=a%20blue%20square&seed=3", timeout=60) as r:
+            assert r.headers["content-type"] == "image/png" and r.read().startswith(b"\x89PNG")
+        req = urllib.request.Request(f"{base}/v1/images/generations", data=b"x" * 20000,
+                                     headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 413 and "Traceback" not in e.value.read().decode()
+    finally:
+        serve.delete("edgen")
+
+
+@pytest.mark.integration
+def test_hot_reload_switches_checkpoint_under_load_without_failed_requests(ray_local, tmp_path):
+    """The server watches a folder of checkpoints; a new one written while
+    requests keep coming is picked up, and no request fails meanwhile."""
+    import os
+    import shutil
+    import threading
+    import time
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from evolve.config import StudentConfig
+    from evolve.driver import BASE_CHECKPOINT
+    from evolve.student.model import Student
+    from serve.edgen import build_edgen_app
+
+    watch = tmp_path / "checkpoints"
+    shutil.copytree(BASE_CHECKPOINT, watch / "round_000")
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    cfg = EdgenServeConfig(watch_dir=watch, watch_every_s=0.3, default_steps=2, batch_wait_s=0.05)
+    handle = serve.run(build_edgen_app(cfg), name="edgen-reload", route_prefix="/reload")
+    url = f"http://127.0.0.1:{_get_global_client().http_config.port}/reload/generate?prompt=a%20red%20circle&seed=1"
+    try:
+        def get() -> bytes:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                assert r.status == 200
+                return r.read()
+        before = get()
+        assert handle.info.remote().result()["checkpoint"].endswith("round_000")
+        failures, done, stop = [], [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    done.append(get())
+                except Exception as e:  # noqa: BLE001 - counted, the test fails on any
+                    failures.append(repr(e))
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        # A new checkpoint appears the way the trainer writes one: whole, then renamed.
+        new_student = Student.from_config(StudentConfig(block_channels=(16, 32), text_dim=32, text_layers=1))
+        new_student.save_pretrained(watch / ".round_001.tmp")
+        os.replace(watch / ".round_001.tmp", watch / "round_001")
+        deadline = time.time() + 60
+        while not handle.info.remote().result()["checkpoint"].endswith("round_001"):
+            assert time.time() < deadline, "the new checkpoint was not picked up"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures[:3]
+        assert len(done) >= 4 and handle.info.remote().result()["reloads"] == 1
+        assert get() != before  # the same prompt and seed, drawn by the new weights
+    finally:
+        serve.delete("edgen-reload")
