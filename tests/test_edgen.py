@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-def test_openai_client_against_the_serve_app(ray_local):
+def test_openai_client_against_the_serve_app(ray_local, tmp_path):
     import openai
     from PIL import Image
     from ray import serve
@@ -120,6 +120,25 @@ def test_openai_client_against_the_serve_app(ray_local):
 
         with urllib.request.urlopen(f"{base}/generate?prompt=a%20blue%20square&seed=3", timeout=60) as r:
             assert r.headers["content-type"] == "image/png" and r.read().startswith(b"\x89PNG")
+        # Edgen as a teacher: the gateway speaks the same API, so a trained
+        # student can teach the next one.
+        import asyncio
+
+        from actors.teacher_gateway import TeacherGateway
+        from evolve.config import TeacherConfig
+        from evolve.store import ImageStore
+
+        async def buy():
+            gw = TeacherGateway(TeacherConfig(name="edgen", kind="openai", base_url=f"{base}/v1", model="edgen",
+                                              price_per_image=0.0), f"{base}/v1", tmp_path / "images",
+                                tmp_path / "ledger.jsonl", 32)
+            try:
+                return await gw.render("a blue square", 11)
+            finally:
+                await gw.close()
+        got = asyncio.run(buy())
+        assert ImageStore(tmp_path / "images").has(got["ref"])
+
         req = urllib.request.Request(f"{base}/v1/images/generations", data=b"x" * 20000,
                                      headers={"content-type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:
