@@ -50,13 +50,16 @@ def run(
     from_scratch: bool = typer.Option(False, "--from-scratch", help="start from random weights, not the shipped base"),
     init_checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint to start from"),
     serve_port: Optional[int] = typer.Option(None, help="Serve HTTP port on 127.0.0.1"),
+    serve_edgen: bool = typer.Option(False, "--serve-edgen",
+                                     help="serve the student at http://127.0.0.1:PORT/edgen/v1 during the run"),
 ):
     """Run EvolveDirector: rounds of train, judge, evolve."""
     from evolve.driver import EvolveRun
     from evolve.ray_env import connect
 
     cfg = _load_config(config, run_dir=run_dir, rounds=rounds, init_checkpoint=init_checkpoint,
-                       serve_port=serve_port, from_scratch=from_scratch or None)
+                       serve_port=serve_port, from_scratch=from_scratch or None,
+                       serve_edgen=serve_edgen or None)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     connect()
     typer.echo(f"run folder: {Path(cfg.run_dir).resolve()}")

@@ -260,6 +260,8 @@ class RunConfig(_Strict):
     judge: JudgeConfig = JudgeConfig()
     evolution: EvolutionConfig = EvolutionConfig()
     serve_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port, bound on 127.0.0.1")
+    serve_edgen: bool = Field(False, description="serve the student at /edgen/v1 during the run, "
+                              "switching to each new round's checkpoint")
     init_checkpoint: Path | None = Field(None, description="student to start from; None = shipped base")
     from_scratch: bool = False
 

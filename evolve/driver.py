@@ -90,7 +90,7 @@ def resolve_init_checkpoint(cfg: RunConfig) -> str | None:
 class Services:
     """Handles to the long-lived parts: teacher gateways (actors) and the judge (Serve)."""
 
-    def __init__(self, cfg: RunConfig, folder: RunFolder):
+    def __init__(self, cfg: RunConfig, folder: RunFolder, init: str | None = None):
         import ray
         from ray import serve
 
@@ -111,6 +111,15 @@ class Services:
             self.gateways[t.name] = start_gateway(t, url, folder.images, folder.ledger, size)
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
         self.judge = serve.run(build_judge_app(cfg.judge), name="judge", route_prefix="/judge")
+        self.edgen = None
+        if cfg.serve_edgen:
+            # Users watch the student improve: the endpoint starts on the run's
+            # start checkpoint and follows each new round's checkpoint.
+            from evolve.config import EdgenServeConfig
+            from serve.edgen import build_edgen_app
+
+            ecfg = EdgenServeConfig(checkpoint=init, watch_dir=folder.checkpoints, num_cpus=0.1)
+            self.edgen = serve.run(build_edgen_app(ecfg), name="edgen", route_prefix="/edgen")
 
     def teacher_stats(self) -> dict[str, dict]:
         import ray
@@ -132,10 +141,11 @@ class Services:
         import ray
         from ray import serve
 
-        try:
-            serve.delete("judge")
-        except Exception:  # noqa: BLE001 - best effort on shutdown
-            pass
+        for name in ("judge", "edgen") if self.edgen is not None else ("judge",):
+            try:
+                serve.delete(name)
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
         for g in self.gateways.values():
             ray.kill(g)
         if self.teacher_host is not None:
@@ -299,8 +309,10 @@ class EvolveRun:
         self.folder.make()
         if self.folder.config.exists():
             old = RunConfig.load(self.folder.config)
-            mine = self.cfg.model_dump(exclude={"rounds"})
-            theirs = old.model_dump(exclude={"rounds"})
+            # What does not change the run's results may differ on resume.
+            free = {"rounds", "serve_port", "serve_edgen"}
+            mine = self.cfg.model_dump(exclude=free)
+            theirs = old.model_dump(exclude=free)
             if mine != theirs:
                 diff = sorted(k for k in mine if mine[k] != theirs.get(k))
                 raise ValueError(f"run folder {self.folder.root} holds a run with another config "
@@ -409,7 +421,7 @@ class EvolveRun:
         self._check_config()
         start = self.first_unfinished_round()
         t0 = time.time()
-        svc = Services(cfg, self.folder)
+        svc = Services(cfg, self.folder, init)
         trainer = None
         try:
             if self.versions.latest() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,8 @@ def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
     from evolve.driver import EvolveRun
 
     cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
-        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 3})
+        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 3,
+                "serve_edgen": True})
     assert cfg.train.schedule == "continuous" and cfg.train.max_failures >= 1
     result: dict = {}
 
@@ -128,6 +130,19 @@ def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
     pids = train_worker_pids()
     assert pids, "no training worker to kill"
     os.kill(pids[-1], signal.SIGKILL)
+
+    # Meanwhile the student is served at /edgen, following the run's checkpoints.
+    from ray.serve.context import _get_global_client
+
+    url = f"http://127.0.0.1:{_get_global_client().http_config.port}/edgen/generate?prompt=a%20red%20circle"
+    png = None
+    while png is None and t.is_alive():
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                png = r.read()
+        except OSError:  # not deployed yet, or already being torn down
+            time.sleep(0.5)
+    assert png is not None and png.startswith(b"\x89PNG"), "the run's Edgen endpoint never answered"
     t.join(600)
     assert not t.is_alive(), "the run did not finish"
     if "error" in result:
