@@ -50,19 +50,20 @@ class Feed:
     def finish(self) -> None:
         self.stopping = True
 
-    async def wait_snapshot(self, version: int, min_steps: int) -> dict:
-        """The first snapshot taken after >= min_steps of training on `version`."""
-        def ready():
-            start = self.first_step.get(version)
-            if start is None:
-                return None
-            return next((s for s in self.snapshots if s["step"] >= start + min_steps), None)
+    def _snapshot_after(self, version: int, min_steps: int) -> dict | None:
+        """The first snapshot taken after >= min_steps of training on `version`, if any."""
+        start = self.first_step.get(version)
+        if start is None:
+            return None
+        return next((s for s in self.snapshots if s["step"] >= start + min_steps), None)
 
+    async def wait_snapshot(self, version: int, min_steps: int) -> dict:
+        """Wait for the first snapshot taken after >= min_steps of training on `version`."""
         self.wanted[version] = max(min_steps, self.wanted.get(version, 0))
         async with self.changed:
-            await self.changed.wait_for(ready)
+            await self.changed.wait_for(lambda: self._snapshot_after(version, min_steps))
         self.wanted.pop(version, None)
-        return ready()
+        return self._snapshot_after(version, min_steps)
 
     def status(self) -> dict:
         return {"version": self.version, "first_step": dict(self.first_step), "stopping": self.stopping,
@@ -79,9 +80,9 @@ class Feed:
             if self.version is None:
                 raise RuntimeError("the trainer polled before any dataset version was published")
             self.first_step.setdefault(self.version, step)
+            # A snapshot is due for a waiting loop whose version has had its steps.
             due = any(v in self.first_step and self.first_step[v] + n <= step and
-                      not any(s["step"] >= self.first_step[v] + n for s in self.snapshots)
-                      for v, n in self.wanted.items())
+                      self._snapshot_after(v, n) is None for v, n in self.wanted.items())
             ans = {"version": self.version, "stop": self.stopping, "snapshot": due}
             self.answers[step] = ans
             for s in [s for s in self.answers if s < step - 1000]:

@@ -17,22 +17,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-             "RAY_AUTH_MODE": "disabled"}.items():
-    os.environ.setdefault(k, v)
+from evolve.ray_env import free_port, set_ray_env  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+set_ray_env()  # loopback only, before ray is imported
 
 
 async def load(url: str, clients: int, per_client: int, steps: int) -> dict:

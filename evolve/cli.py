@@ -195,7 +195,6 @@ def serve_edgen(
     import time
 
     import yaml
-    from pydantic import ValidationError
     from ray import serve
 
     from evolve.config import EdgenServeConfig
@@ -203,11 +202,11 @@ def serve_edgen(
     from serve.edgen import build_edgen_app
 
     try:
-        data = yaml.safe_load(config.read_text()) if config else {}
+        data = (EdgenServeConfig.load(config) if config else EdgenServeConfig()).model_dump()
         data.update({k: v for k, v in {"checkpoint": checkpoint, "api_key_env": api_key_env}.items() if v})
-        cfg = EdgenServeConfig.model_validate(data or {})
+        cfg = EdgenServeConfig.model_validate(data)
         app_ = build_edgen_app(cfg)
-    except (ValidationError, FileNotFoundError, OSError, yaml.YAMLError) as e:
+    except (ValueError, OSError, yaml.YAMLError) as e:  # ValidationError and bad JSON are ValueErrors
         _fail(f"bad serve configuration: {e}")
     connect()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -19,6 +19,17 @@ class _Strict(BaseModel):
     # A misspelled key in a config file is an error, not a silent default.
     model_config = ConfigDict(extra="forbid")
 
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path | str):
+        """From a YAML (.yaml/.yml) or JSON file."""
+        path = Path(path)
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        return cls.model_validate(data or {})
+
 
 class FlawProfile(_Strict):
     """Probabilities that an embedded teacher draws a prompt wrongly.
@@ -275,12 +286,4 @@ class RunConfig(_Strict):
         return self
 
     # -- files ---------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2))
 
-    @classmethod
-    def load(cls, path: Path | str) -> "RunConfig":
-        path = Path(path)
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        return cls.model_validate(data or {})

@@ -8,6 +8,7 @@ leaves only a temporary folder that the next writer removes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -161,6 +162,23 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str):
+    """Write a folder so a reader never sees half of it: fill the yielded
+    temporary folder (`.<name>.tmp`, beside `path`, not yet created); when the
+    block ends it replaces `path`. On an error it is removed, `path` untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data) -> None:

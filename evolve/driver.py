@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 from evolve import evolution
 from evolve.config import RunConfig, StudentConfig
-from evolve.dataset import DatasetVersions, Record, write_json_atomic
+from evolve.dataset import DatasetVersions, Record, atomic_dir, write_json_atomic
 from evolve.judging import (DiscriminateRequest, DiscriminateVerdict, ExpandRequest, MutateRequest,
                             TeacherImage)
 from evolve.shapes.grammar import parse, sample_prompt
@@ -236,11 +235,8 @@ class ContinuousTrainer:
             if self.error is not None or (self.thread is not None and not self.thread.is_alive()):
                 raise RuntimeError(f"the training run stopped: {self.error!r}") from self.error
         snap = ray.get(ref)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(snap["path"], tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            shutil.copytree(snap["path"], tmp)
         return snap
 
     def status(self) -> dict:

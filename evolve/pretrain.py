@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from evolve.config import StudentConfig, TrainConfig
+from evolve.dataset import atomic_dir
 from evolve.shapes.grammar import all_prompts
 from evolve.shapes.render import render, to_png
 
@@ -76,16 +77,13 @@ def export_base(checkpoint: Path, out: Path) -> str:
     src = checkpoint / EMA_NAME if (checkpoint / EMA_NAME).exists() else checkpoint / WEIGHTS_NAME
     sd = {k: v.to(torch.float16).contiguous() if v.is_floating_point() else v
           for k, v in load_file(str(src)).items()}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("config.json", "tokenizer.json"):
-        if (checkpoint / name).exists():
-            shutil.copy(checkpoint / name, tmp / name)
-    save_file(sd, str(tmp / WEIGHTS_NAME))
-    digest = hashlib.sha256((tmp / WEIGHTS_NAME).read_bytes()).hexdigest()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        tmp.mkdir(parents=True)
+        for name in ("config.json", "tokenizer.json"):
+            if (checkpoint / name).exists():
+                shutil.copy(checkpoint / name, tmp / name)
+        save_file(sd, str(tmp / WEIGHTS_NAME))
+        digest = hashlib.sha256((tmp / WEIGHTS_NAME).read_bytes()).hexdigest()
     return digest
 
 

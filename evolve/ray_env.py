@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Without these Ray binds the eth0 address, phones home, and switches to token
 # auth that later CLI calls trip over (see the project's notes on Ray 2.60).
@@ -11,6 +12,13 @@ LOOPBACK_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
 }
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a Serve or teacher server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def set_ray_env() -> None:

@@ -74,3 +74,19 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(p, {"a": 2})
     assert p.read_text().strip().endswith("}") and '"a": 2' in p.read_text()
     assert [f.name for f in p.parent.iterdir()] == ["s.json"]
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    from evolve.dataset import atomic_dir
+
+    out = tmp_path / "ckpt"
+    with atomic_dir(out) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("1")
+    assert (out / "a").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            tmp.mkdir()
+            (tmp / "a").write_text("2")
+            raise RuntimeError("crash while writing")
+    assert (out / "a").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from evolve.config import EdgenServeConfig
+from evolve.ray_env import free_port
 from serve.edgen import ApiError, Edgen
 
 Impl = Edgen.func_or_class  # the plain class behind the deployment
@@ -80,12 +80,6 @@ def test_bearer_token(monkeypatch):
     Impl._authorize(me, request("Bearer s3cret"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_openai_client_against_the_serve_app(ray_local, tmp_path):
     import openai
@@ -95,7 +89,7 @@ def test_openai_client_against_the_serve_app(ray_local, tmp_path):
 
     from serve.edgen import build_edgen_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     handle = serve.run(build_edgen_app(EdgenServeConfig(default_steps=4, batch_wait_s=0.2)),
                        name="edgen", route_prefix="/edgen")
     base = f"http://127.0.0.1:{_get_global_client().http_config.port}/edgen"
@@ -167,7 +161,7 @@ def test_hot_reload_switches_checkpoint_under_load_without_failed_requests(ray_l
 
     watch = tmp_path / "checkpoints"
     shutil.copytree(BASE_CHECKPOINT, watch / "round_000")
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     cfg = EdgenServeConfig(watch_dir=watch, watch_every_s=0.3, default_steps=2, batch_wait_s=0.05)
     handle = serve.run(build_edgen_app(cfg), name="edgen-reload", route_prefix="/reload")
     url = f"http://127.0.0.1:{_get_global_client().http_config.port}/reload/generate?prompt=a%20red%20circle&seed=1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -12,14 +11,9 @@ import pytest
 from evolve.config import RunConfig
 from evolve.dataset import DatasetVersions
 from evolve.ledger import Ledger
+from evolve.ray_env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.integration

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -19,6 +18,7 @@ from evolve.judging import (
     MutateRequest,
     TeacherImage,
 )
+from evolve.ray_env import free_port
 from serve.judge_backends import JudgeBackend, SceneJudgeBackend, make_backend
 
 # (prompt, a wrong prompt of the same category: same words, one skill broken)
@@ -147,12 +147,6 @@ def test_mutate_falls_back_when_everything_is_avoided(judge):
 
 
 # -- Ray Serve ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -171,7 +165,7 @@ def test_judge_serve(ray_local):
 
     with pytest.raises(NotImplementedError, match="not available yet"):
         build_judge_app({"backend": "openai"})  # fails in the driver, before any deploy
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     handle = serve.run(build_judge_app(JudgeConfig(max_batch_size=16, batch_wait_s=0.3)),
                        name="judge", route_prefix="/judge")
     try:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from evolve.config import StudentConfig, TrainConfig
+from evolve.dataset import atomic_dir
 from evolve.student.diffusion import EMA, drop_prompts, make_noise_scheduler, training_loss
 from evolve.student.model import EMA_NAME, WEIGHTS_NAME, Student
 
@@ -177,12 +178,15 @@ def train_loop_per_worker(config: dict) -> None:
         data["prompts"], data["images"] = load_shard(shard, scfg.image_size)
         data["order"] = batches(len(data["prompts"]), max(1, local_bs - n_replay), gen)
 
+    def progress() -> dict:
+        """Where training stands, for the feed (the loop's view of the trainer)."""
+        return {"step": step, "total_steps": total, "train_s": time.perf_counter() - t_start,
+                "data_wait_s": data["wait_s"], "loss": state.get("loss")}
+
     def poll_feed() -> dict:
         """Swap in a newly published dataset version; the feed's answer."""
         t = time.perf_counter()
-        progress = {"step": step, "train_s": t - t_start, "data_wait_s": data["wait_s"],
-                    "loss": state.get("loss")} if rank == 0 else None
-        ans = ray.get(feed.poll.remote(rank, step, data["version"], progress))
+        ans = ray.get(feed.poll.remote(rank, step, data["version"], progress() if rank == 0 else None))
         if ans["shard"] is not None:
             use_shard(ans["shard"])
             data["version"] = ans["version"]
@@ -192,11 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
     def write_snapshot(metrics: dict) -> None:
         """EMA weights for the loop to sample: written whole, then renamed."""
         final = snapshot_dir / f"step_{step:07d}"
-        tmp = snapshot_dir / f".step_{step:07d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp, ema=ema)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            student.save_pretrained(tmp, ema=ema)
         for old in sorted(snapshot_dir.glob("step_*"))[:-tcfg.keep_snapshots]:
             shutil.rmtree(old, ignore_errors=True)
         ray.get(feed.snapshot.remote(step, str(final), {**metrics, "version": data["version"]}))
@@ -232,8 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
         if feed is not None and (data["version"] is None or step % tcfg.poll_every == 0):
             ans = poll_feed()
             if ans["snapshot"] and step > 0:  # the loop waits for weights after this many steps
-                metrics = {"step": step, "total_steps": total, "data_wait_s": data["wait_s"],
-                           "train_s": time.perf_counter() - t_start, "loss": state.get("loss")}
+                metrics = progress()
                 if rank == 0:
                     write_snapshot(metrics)
                 report(metrics, True)  # every rank reports; the snapshot is a resume point too
@@ -328,10 +328,6 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
     src = result.checkpoint.path
     if out_dir is None:
         return str(src)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    result.checkpoint.to_directory(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return str(out)
+    with atomic_dir(out_dir) as tmp:
+        result.checkpoint.to_directory(str(tmp))
+    return str(out_dir)
