@@ -211,14 +211,102 @@ class SampleConfig(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class JudgeTemplates(_Strict):
+    """What the judge asks a VLM: versioned configuration, not code.
+
+    The default wording is upstream EvolveDirector's (its LLaVA-NeXT queries);
+    `{prompt}`, `{k}`, `{n}`, `{examples}` and `{style}` are filled in. Change
+    `version` with the wording, so a verdict log says which questions it answers.
+    """
+
+    version: str = "evolvedirector-v1"
+    system: str | None = None
+    discriminate: str = (
+        'In these two images (A) and (B), which one aligns better with the text description '
+        '"{prompt}"? You have two options: <(A) is better>, <(B) is better>. '
+        'Simply state your choice, no need for a detailed explanation.')
+    choice_a: str = "<(A) is better>"
+    choice_b: str = "<(B) is better>"
+    expand: str = (
+        'Replace the nouns in the text description: "{prompt}" with other kinds of objects, '
+        'characters, backgrounds, names, colors, or styles to generate {k} more diverse text '
+        'descriptions. Arrange them in the format of a list ["Text description 1", '
+        '"Text description 2", ...].')
+    mutate: str = (
+        'Here are some text descriptions of images: {examples}. Now, exercise your imagination to '
+        'generate {n} new text descriptions for visual content that is completely unrelated to them. '
+        'They should have a completely different structure from the previous descriptions. {style} '
+        'Arrange them in the format of a list just like ["xxxxx"].')
+    mutate_styles: tuple[str, ...] = (
+        "It should be rough and short.",
+        "It should contain less than 30 words and be highly detailed.",
+        "It should contain over 30 words with different granular levels of detail.",
+        "It should contain over 50 words with a lot of details.",
+    )
+    reask: str = ("Your previous answer could not be used ({problem}). "
+                  "Answer again, exactly in the format asked.")
+
+    @model_validator(mode="after")
+    def _fields_present(self) -> "JudgeTemplates":
+        need = {"discriminate": ["{prompt}"], "expand": ["{prompt}", "{k}"], "mutate": ["{n}"]}
+        for name, keys in need.items():
+            missing = [k for k in keys if k not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"judge template {name!r} must contain {missing}")
+        if self.choice_a == self.choice_b or not self.choice_a or not self.choice_b:
+            raise ValueError("choice_a and choice_b must be two different, non-empty answers")
+        return self
+
+
 class JudgeConfig(_Strict):
-    backend: Literal["scene", "openai"] = "scene"
+    """The judge: the embedded scene parser, any OpenAI-compatible VLM, or vLLM in the cluster.
+
+    backend "scene": exact verdicts from the shapes-world scene parser (default).
+    backend "openai": a chat-completions endpoint with image inputs at `base_url`
+        (a separate `vllm serve`, SGLang, a hosted VLM); key from `api_key_env`.
+    backend "vllm": Ray Serve hosts the VLM (`ray.serve.llm`, `llm` holds its
+        LLMConfig: model, engine kwargs, accelerator, autoscaling); the judge then
+        talks to it as backend "openai" through the cluster's Serve proxy.
+    """
+
+    backend: Literal["scene", "openai", "vllm"] = "scene"
     base_url: str | None = None
     model: str | None = None
-    api_key_env: str | None = None
+    api_key_env: str | None = Field(None, description="env var holding the endpoint's key; never a file")
+    llm: dict | None = Field(None, description="backend vllm: ray.serve.llm LLMConfig fields")
     max_batch_size: int = Field(32, ge=1)
     batch_wait_s: float = Field(0.05, ge=0)
     seed: int = 0
+    # -- VLM backends: how to ask and how to read the answers
+    templates: JudgeTemplates = JudgeTemplates()
+    order: Literal["random", "both"] = Field(
+        "random", description="random: which image is shown first is drawn per comparison (as upstream); "
+        "both: ask both orders, count only verdicts that agree")
+    structured: Literal["json_schema", "vllm", "none"] = Field(
+        "json_schema", description="constrain answers: response_format json_schema (OpenAI, vLLM, "
+        "SGLang), vLLM's own structured_outputs (choice / JSON), or none (strict parsing only)")
+    image_layout: Literal["separate", "side_by_side"] = Field(
+        "separate", description="two image inputs, or one (A)|(B) composite as upstream (one-image VLMs)")
+    max_pixels: int = Field(512 * 512, ge=64, description="images larger than this are downscaled first")
+    max_reasks: int = Field(2, ge=0, description="re-asks after an unusable answer, then 'no verdict'")
+    max_concurrency: int = Field(16, ge=1, description="requests in flight to the VLM per judge replica")
+    timeout_s: float = Field(120.0, gt=0)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    max_prompt_chars: int = Field(300, ge=1, description="longer generated prompts are rejected")
+    grammar_check: bool = Field(True, description="shapes world: generated prompts must parse")
+    mutate_examples: int = Field(8, ge=0, description="training prompts shown when asking for new ones")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "JudgeConfig":
+        if self.backend == "openai" and not (self.base_url and self.model):
+            raise ValueError("judge backend 'openai' needs base_url and model")
+        if self.backend == "vllm":
+            mlc = (self.llm or {}).get("model_loading_config") or {}
+            if not mlc.get("model_id"):
+                raise ValueError("judge backend 'vllm' needs llm.model_loading_config.model_id "
+                                 "(ray.serve.llm LLMConfig fields)")
+        return self
 
 
 class EdgenServeConfig(_Strict):

@@ -57,6 +57,7 @@ class RunFolder:
         self.snapshots = self.checkpoints / "live"
         self.rounds = self.root / "rounds"
         self.grids = self.root / "grids"
+        self.verdicts = self.root / "verdicts"  # every judge answer, raw and parsed, per round
         self.report = self.root / "report.json"
 
     def checkpoint(self, rnd: int) -> Path:
@@ -94,7 +95,7 @@ class Services:
         from ray import serve
 
         from actors.teacher_gateway import start_gateway
-        from serve.judge import build_judge_app
+        from serve.judge import deploy_judge
         from serve.teachers import EmbeddedTeacherHost
 
         size = cfg.student.image_size
@@ -109,7 +110,8 @@ class Services:
             url = urls[t.name] if t.kind == "embedded" else t.base_url
             self.gateways[t.name] = start_gateway(t, url, folder.images, folder.ledger, size)
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
-        self.judge = serve.run(build_judge_app(cfg.judge), name="judge", route_prefix="/judge")
+        self.cfg_judge_backend = cfg.judge.backend
+        self.judge = deploy_judge(cfg.judge, cfg.serve_port)
         self.edgen = None
         if cfg.serve_edgen:
             # Users watch the student improve: the endpoint starts on the run's
@@ -140,7 +142,8 @@ class Services:
         import ray
         from ray import serve
 
-        for name in ("judge", "edgen") if self.edgen is not None else ("judge",):
+        apps = ["judge"] + ["vlm"] * (self.cfg_judge_backend == "vllm") + ["edgen"] * (self.edgen is not None)
+        for name in apps:
             try:
                 serve.delete(name)
             except Exception:  # noqa: BLE001 - best effort on shutdown
@@ -322,14 +325,18 @@ class EvolveRun:
         return r
 
     # -- pieces -----------------------------------------------------------------
-    def acquire(self, svc: Services, cands: list[evolution.NewPrompt], rnd: int,
-                checkpoint: str | None) -> list[Record]:
-        """Teachers render new prompts; the judge picks each prompt's best image."""
+    def log_verdicts(self, tag: str, entries: list[dict]) -> None:
+        """The judge's answers (raw and parsed) beside the samples they decided,
+        in `verdicts/<tag>.json`; written whole, so a resumed round rewrites it."""
+        write_json_atomic(self.folder.verdicts / f"{tag}.json", entries)
+
+    def acquire(self, svc: Services, cands: list[evolution.NewPrompt], rnd: int) -> list[Record]:
+        """Teachers render new prompts; the judge picks each prompt's best image
+        (no student image is needed for that)."""
         if not cands:
             return []
         seeds = [stable_seed(self.cfg.seed, c.prompt, rnd) for c in cands]
         bought = svc.buy([(c.prompt, s) for c, s in zip(cands, seeds)])
-        student = sample_student(self.cfg, checkpoint, [c.prompt for c in cands], seeds)
         keep, reqs, refs = [], [], []
         for i, c in enumerate(cands):
             ok = {t: res[i] for t, res in bought.items() if "ref" in res[i]}
@@ -340,14 +347,18 @@ class EvolveRun:
             keep.append(i)
             refs.append({t: r["ref"] for t, r in ok.items()})
             reqs.append(DiscriminateRequest(
-                prompt=c.prompt, student_image=student[i],
+                prompt=c.prompt,
                 teacher_images=[TeacherImage(teacher=t, image=self.store.get(r["ref"])) for t, r in ok.items()]))
         verdicts = svc.discriminate(reqs)
-        return evolution.select_records(
+        out = evolution.select_records(
             [cands[i] for i in keep], [seeds[i] for i in keep], verdicts, refs,
             [parse(cands[i].prompt).category for i in keep], rnd)
+        self.log_verdicts(f"select_{rnd:03d}", [
+            {"record_id": r.id, "prompt": r.prompt, "verdict": v.model_dump(mode="json")}
+            for r, v in zip(out, verdicts)])
+        return out
 
-    def seed_set(self, svc: Services, init: str | None) -> None:
+    def seed_set(self, svc: Services) -> None:
         rng = np.random.default_rng(self.cfg.seed)
         cats = self.cfg.seed_categories
         prompts: list[str] = []
@@ -358,7 +369,7 @@ class EvolveRun:
             p = sample_prompt(rng, cat).text
             if p not in prompts:
                 prompts.append(p)
-        records = self.acquire(svc, [evolution.NewPrompt(p, "seed") for p in prompts], 0, init)
+        records = self.acquire(svc, [evolution.NewPrompt(p, "seed") for p in prompts], 0)
         self.versions.write(0, records, {"round": 0})
         self.say(f"seed set: {len(records)} prompts, version v0000")
 
@@ -381,26 +392,32 @@ class EvolveRun:
                     for t, res in bought.items() if "ref" in res[i]]
             reqs.append(DiscriminateRequest(prompt=r.prompt, student_image=student[i], teacher_images=imgs))
         verdicts = svc.discriminate(reqs)
+        self.log_verdicts(f"judge_{rnd:03d}", [
+            {"record_id": r.id, "prompt": r.prompt, "verdict": v.model_dump(mode="json")}
+            for r, v in zip(judged, verdicts)])
         plan, stats = evolution.plan_round(judged, verdicts, self.cfg.evolution, rng)
         return judged, plan, stats
 
-    def evolve(self, svc: Services, records: list[Record], plan: evolution.RoundPlan, rnd: int,
-               ckpt: str) -> tuple[list[Record], list[Record]]:
+    def evolve(self, svc: Services, records: list[Record], plan: evolution.RoundPlan,
+               rnd: int) -> tuple[list[Record], list[Record]]:
         by_id = {r.id: r for r in records}
+        training = sorted({r.prompt for r in records})
         expansions = {}
         futures = {rid: svc.judge.expand.remote(ExpandRequest(
-            prompt=by_id[rid].prompt, k=self.cfg.evolution.expand_k, seed=stable_seed(rid, rnd)))
-            for rid in plan.expand_ids}
+            prompt=by_id[rid].prompt, k=self.cfg.evolution.expand_k, seed=stable_seed(rid, rnd),
+            avoid_prompts=training)) for rid in plan.expand_ids}
         for rid, f in futures.items():
             expansions[rid] = f.result()
         mutation = None
         if plan.mutate and self.cfg.evolution.mutate_n > 0:
             mutation = svc.judge.mutate.remote(MutateRequest(
-                avoid_prompts=sorted({r.prompt for r in records}), n=self.cfg.evolution.mutate_n,
+                avoid_prompts=training, n=self.cfg.evolution.mutate_n,
                 seed=stable_seed(self.cfg.seed, "mutate", rnd))).result()
-        existing = {r.prompt for r in records}
-        cands = evolution.new_prompts(expansions, mutation, existing)
-        added = self.acquire(svc, cands, rnd + 1, ckpt)
+        self.log_verdicts(f"evolve_{rnd:03d}", [
+            {"op": "expand", "record_id": rid, **e.model_dump(mode="json")} for rid, e in expansions.items()
+        ] + ([{"op": "mutate", **mutation.model_dump(mode="json")}] if mutation is not None else []))
+        cands = evolution.new_prompts(expansions, mutation, set(training))
+        added = self.acquire(svc, cands, rnd + 1)
         nxt = evolution.apply_delta(records, plan.delete_ids, added, self.cfg.evolution.max_dataset)
         return nxt, added
 
@@ -421,7 +438,7 @@ class EvolveRun:
         trainer = None
         try:
             if self.versions.latest() is None:
-                self.seed_set(svc, init)
+                self.seed_set(svc)
             baseline_path = self.folder.rounds / "baseline.json"
             if not baseline_path.exists():
                 acc = self.score_heldout(init, "init")
@@ -507,7 +524,7 @@ class EvolveRun:
         judged, plan, stats = timed("judge_s", self.judge_round, svc, records, ckpt, rnd)
         # The last round evolves too: its version is the run's evolved dataset,
         # and a run resumed with more rounds trains on it.
-        nxt, added = timed("evolve_s", self.evolve, svc, records, plan, rnd, ckpt)
+        nxt, added = timed("evolve_s", self.evolve, svc, records, plan, rnd)
         t0 = time.time()
         if self.versions.latest() == rnd:  # a resumed round may have written it already
             self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
@@ -519,6 +536,7 @@ class EvolveRun:
             "round": rnd,
             "dataset_size": len(records),
             "judged": stats.judged,
+            "no_verdict": stats.no_verdict,
             "student_win_rate": stats.student_win_rate,
             "teacher_wins": stats.teacher_wins,
             "deleted": len(plan.delete_ids),

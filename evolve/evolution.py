@@ -40,11 +40,14 @@ class NewPrompt:
 class RoundStats:
     judged: int = 0
     student_wins: int = 0
+    no_verdict: int = 0           # the judge could not tell: sample left as it is
     teacher_wins: dict[str, int] = field(default_factory=dict)
 
     @property
     def student_win_rate(self) -> float:
-        return self.student_wins / self.judged if self.judged else 0.0
+        """Among the decided verdicts."""
+        decided = self.judged - self.no_verdict
+        return self.student_wins / decided if decided else 0.0
 
 
 def choose_eval_records(records: list[Record], cfg: EvolutionConfig, rng: np.random.Generator) -> list[Record]:
@@ -68,7 +71,9 @@ def plan_round(
     for rec, v in zip(judged, verdicts):
         if v.prompt != rec.prompt:
             raise ValueError(f"verdict for {v.prompt!r} does not belong to record {rec.id} ({rec.prompt!r})")
-        if v.student_matches:
+        if not v.decided:
+            stats.no_verdict += 1  # neither deleted nor expanded: judged again in a later round
+        elif v.student_matches:
             delete.append(rec.id)
             stats.student_wins += 1
         else:
@@ -110,7 +115,9 @@ def select_records(
     categories: list[str],
     round_added: int,
 ) -> list[Record]:
-    """Each new prompt trains on the image of the teacher the judge picked.
+    """Each new prompt trains on the image of the teacher the judge picked
+    (with no verdict between teachers, the best it could establish: see
+    `DiscriminateVerdict`).
 
     `refs[i]` maps teacher name -> image ref of that teacher's image for
     candidate i (only teachers that delivered one).

@@ -7,9 +7,11 @@ travel as PNG bytes so a judge on another node needs no shared disk.
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import re
+from typing import Annotated, Callable
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,33 +36,75 @@ class TeacherImage(_Msg):
 
 
 class DiscriminateRequest(_Msg):
-    """Compare the student's image with one or more teacher images of one prompt."""
+    """Compare the student's image with one or more teacher images of one prompt.
+
+    Without a student image the judge only picks the best teacher image (what a
+    new prompt's training image is chosen by)."""
 
     prompt: str
-    student_image: PngBytes
+    student_image: PngBytes | None = None
     teacher_images: list[TeacherImage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_teachers(self) -> "DiscriminateRequest":
+        names = [t.teacher for t in self.teacher_images]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique within a request, got {names}")
+        if "student" in names:
+            raise ValueError("'student' is reserved for the student's image; rename that teacher")
+        return self
+
+
+class Comparison(_Msg):
+    """One pairwise question to a VLM judge, as asked and as answered."""
+
+    first: str = Field(description="shown as (A): 'student' or a teacher name")
+    second: str = Field(description="shown as (B)")
+    answers: list[str] = Field(default_factory=list, description="raw answers, re-asks included")
+    winner: str | None = Field(None, description="first or second's name; None = no usable answer")
 
 
 class DiscriminateVerdict(_Msg):
+    """The judge's verdict on one request.
+
+    `decided` False is the typed "no verdict": the judge could not tell (its
+    answers never parsed, or the two orders disagreed). The loop leaves such a
+    sample as it is and counts it; `best_teacher` is then the best the judge
+    could establish (the first teacher listed if nothing was decided)."""
+
     prompt: str
     best_teacher: str = Field(description="teacher whose image fits the prompt best")
-    student_matches: bool = Field(description="student is as good as the best teacher image")
-    student_score: float = Field(ge=0, le=1)
-    teacher_scores: dict[str, float]
+    student_matches: bool = Field(False, description="student is as good as the best teacher image")
+    decided: bool = Field(True, description="False: no verdict on the student (or on the teachers "
+                          "when no student image was sent)")
+    student_score: float | None = Field(None, ge=0, le=1, description="scoring judges only")
+    teacher_scores: dict[str, float] = Field(default_factory=dict, description="scoring judges only")
+    comparisons: list[Comparison] = Field(default_factory=list, description="pairwise judges: every question asked")
     reason: str = ""
 
 
 class ExpandRequest(_Msg):
-    """A prompt the student failed: write k variants exercising the same skill."""
+    """A prompt the student failed: write k variants exercising the same skill,
+    none a (near-)duplicate of `avoid_prompts` (the current training set)."""
 
     prompt: str
     k: int = Field(ge=0, le=64)
     seed: int = 0
+    avoid_prompts: list[str] = Field(default_factory=list)
+
+
+class Rejected(_Msg):
+    """A generated prompt the judge threw away, and why."""
+
+    prompt: str
+    why: str
 
 
 class ExpandResult(_Msg):
     prompt: str
     variants: list[str]
+    raw: list[str] = Field(default_factory=list, description="VLM judges: raw answers, re-asks included")
+    rejected: list[Rejected] = Field(default_factory=list)
 
 
 class MutateRequest(_Msg):
@@ -73,3 +117,142 @@ class MutateRequest(_Msg):
 
 class MutateResult(_Msg):
     prompts: list[str]
+    raw: list[str] = Field(default_factory=list, description="VLM judges: raw answers, re-asks included")
+    rejected: list[Rejected] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading VLM answers
+# A VLM's answer is untrusted text. These functions read it strictly (JSON is
+# parsed, never evaluated), repair what can be repaired without guessing, and
+# otherwise say what was wrong, so the judge can re-ask or give "no verdict".
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+_STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def parse_choice(answer: str, choice_a: str, choice_b: str) -> tuple[str | None, str | None]:
+    """'A', 'B' or None for a two-way choice; the second value says what was wrong.
+
+    Accepted: the answer contains exactly one of the two choice strings (upstream's
+    `<(A) is better>` check), a JSON object {"choice": ...} holding one, or, as a
+    repair, a lone "A"/"(B)" or "(A) is better" without the brackets."""
+    text = _FENCE.sub("", answer.strip())
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict) and isinstance(obj.get("choice"), str):
+            text = obj["choice"]
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    has_a, has_b = choice_a in text, choice_b in text
+    if has_a != has_b:
+        return ("A" if has_a else "B"), None
+    if has_a and has_b:
+        return None, "the answer names both images"
+    letters = {m.upper() for m in re.findall(r"\(?\b([AaBb])\)?\s+is\s+(?:the\s+)?better", text)}
+    lone = re.fullmatch(r"\W*(?:image\s+)?\(?([AaBb])\)?\W*", text, flags=re.IGNORECASE)
+    if lone:
+        letters.add(lone.group(1).upper())
+    if len(letters) == 1:
+        return letters.pop(), None
+    if len(letters) > 1:
+        return None, "the answer names both images"
+    return None, f"the answer contains neither {choice_a} nor {choice_b}"
+
+
+def parse_prompt_list(answer: str) -> tuple[list, str | None]:
+    """The items of a JSON list of prompts (or of {"prompts": [...]}), and a problem note.
+
+    A truncated or otherwise broken list is repaired by keeping its complete
+    string literals; anything else yields [] and the reason."""
+    text = _FENCE.sub("", answer.strip())
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        obj = None
+        start = text.find("[")
+        end = text.rfind("]")
+        if start >= 0 and end > start:
+            try:
+                obj = json.loads(text[start:end + 1])
+            except (json.JSONDecodeError, RecursionError):
+                obj = None
+        if obj is None:
+            if start < 0:
+                return [], "the answer is not a JSON list"
+            items = [json.loads(s) for s in _STRING_LITERAL.findall(text[start + 1:])]
+            return items, f"the answer is not valid JSON; kept its {len(items)} complete strings"
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if "prompts" in obj and isinstance(obj["prompts"], list):
+            obj = obj["prompts"]
+        elif len(lists) == 1:
+            obj = lists[0]
+        else:
+            return [], "the answer is a JSON object without a list of prompts"
+    if isinstance(obj, str):
+        obj = [obj]
+    if not isinstance(obj, list):
+        return [], f"the answer is JSON {type(obj).__name__}, not a list"
+    return obj, None
+
+
+def normalize_prompt(text: str) -> str:
+    """The key two prompts share when they are near-duplicates: case, punctuation,
+    articles and spacing do not count."""
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
+def screen_prompts(
+    candidates: list,
+    avoid: list[str],
+    max_chars: int,
+    canonical: Callable[[str], str] | None = None,
+) -> tuple[list[str], list[Rejected]]:
+    """Keep the usable generated prompts, in order; say why each other one went.
+
+    Rejected: not a string, empty, longer than `max_chars`, refused by
+    `canonical` (which raises ValueError; in the shapes world it is the grammar,
+    and what it returns is the prompt kept), or a near-duplicate of `avoid` or
+    of a prompt kept earlier."""
+    seen = {normalize_prompt(p): p for p in avoid}
+    kept: list[str] = []
+    rejected: list[Rejected] = []
+    for item in candidates:
+        if not isinstance(item, str):
+            rejected.append(Rejected(prompt=json.dumps(item)[:200], why="not a string"))
+            continue
+        text = " ".join(item.split())
+        if not text:
+            rejected.append(Rejected(prompt=item, why="empty"))
+            continue
+        if len(text) > max_chars:
+            rejected.append(Rejected(prompt=text[:200], why=f"longer than {max_chars} characters"))
+            continue
+        if canonical is not None:
+            try:
+                text = _canonical(canonical, text)
+            except ValueError as e:
+                rejected.append(Rejected(prompt=text, why=f"rejected by the grammar: {e}"))
+                continue
+        key = normalize_prompt(text)
+        if not key:
+            rejected.append(Rejected(prompt=text, why="empty"))
+        elif key in seen:
+            rejected.append(Rejected(prompt=text, why=f"duplicate of {seen[key]!r}"))
+        else:
+            seen[key] = text
+            kept.append(text)
+    return kept, rejected
+
+
+def _canonical(canonical: Callable[[str], str], text: str) -> str:
+    """`canonical(text)`, or else of its plain form (lower case, no end punctuation):
+    VLMs capitalise and punctuate, the grammar does not."""
+    try:
+        return canonical(text)
+    except ValueError:
+        plain = text.lower().strip(" .!?;:,")
+        if plain == text:
+            raise
+        return canonical(plain)

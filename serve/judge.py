@@ -85,10 +85,17 @@ class Judge:
     async def mutate(self, req: MutateRequest) -> MutateResult:
         return await asyncio.to_thread(self.backend.mutate, req)
 
-    async def stats(self) -> dict[str, int]:
-        """Batching so far: discriminate batches run, requests in them, largest batch."""
-        return {"batches": self._batches, "requests": self._requests,
-                "max_batch_seen": self._max_batch_seen, "max_batch_size": self.cfg.max_batch_size}
+    async def stats(self) -> dict[str, float]:
+        """Batching so far (discriminate batches run, requests in them, largest
+        batch) and, for a VLM backend, its counters (questions, re-asks, API
+        errors, no-verdicts, seconds spent waiting on the VLM)."""
+        out: dict[str, float] = {"batches": self._batches, "requests": self._requests,
+                                 "max_batch_seen": self._max_batch_seen,
+                                 "max_batch_size": self.cfg.max_batch_size}
+        backend_stats = getattr(self.backend, "stats", None)
+        if callable(backend_stats):
+            out.update(backend_stats())
+        return out
 
     # -- HTTP ------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:
@@ -149,3 +156,40 @@ def build_judge_app(cfg: JudgeConfig | dict[str, Any]) -> serve.Application:
     return Judge.options(
         max_ongoing_requests=max(MIN_ONGOING_REQUESTS, 2 * cfg.max_batch_size),
     ).bind(cfg)
+
+
+VLM_ROUTE = "/vlm"
+
+
+def build_vlm_app(cfg: JudgeConfig) -> serve.Application:
+    """Ray Serve LLM's OpenAI-compatible app for the judge's VLM (backend "vllm").
+
+    `cfg.llm` holds `ray.serve.llm.LLMConfig` fields: model_loading_config
+    (model_id, model_source: a Hub id or a local/S3 folder), engine_kwargs (vLLM's:
+    max_model_len, limit_mm_per_prompt, tensor_parallel_size...), accelerator_type,
+    deployment_config (autoscaling_config: min/max replicas). Needs vLLM on the
+    GPU nodes (`pip install "ray[llm]"`)."""
+    try:
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError as e:
+        raise ImportError(f"judge backend 'vllm' needs vLLM where the judge runs "
+                          f"(pip install 'ray[llm]'): {e}") from e
+    return build_openai_app({"llm_configs": [LLMConfig(**cfg.llm)]})
+
+
+def vlm_client_config(cfg: JudgeConfig, serve_port: int) -> JudgeConfig:
+    """Backend "vllm" seen from the judge: an "openai" backend at the cluster's
+    own Serve proxy (every node runs one on loopback)."""
+    if cfg.backend != "vllm":
+        return cfg
+    model_id = cfg.llm["model_loading_config"]["model_id"]
+    return cfg.model_copy(update={"backend": "openai", "model": model_id, "api_key_env": None,
+                                  "base_url": f"http://127.0.0.1:{serve_port}{VLM_ROUTE}/v1"})
+
+
+def deploy_judge(cfg: JudgeConfig, serve_port: int):
+    """Deploy the judge (and, for backend "vllm", its VLM first); returns the judge's handle."""
+    if cfg.backend == "vllm":
+        serve.run(build_vlm_app(cfg), name="vlm", route_prefix=VLM_ROUTE)
+        cfg = vlm_client_config(cfg, serve_port)
+    return serve.run(build_judge_app(cfg), name="judge", route_prefix="/judge")

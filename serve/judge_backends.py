@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from evolve.config import JudgeConfig
 from evolve.judging import (
+    Comparison,
     DiscriminateRequest,
     DiscriminateVerdict,
     ExpandRequest,
@@ -35,6 +36,11 @@ class JudgeBackend(Protocol):
     def expand(self, req: ExpandRequest) -> ExpandResult: ...
 
     def mutate(self, req: MutateRequest) -> MutateResult: ...
+
+    def compare(self, prompt: str, first: bytes, second: bytes) -> Comparison:
+        """One pairwise question in a fixed order; winner "first", "second" or
+        None. What `evolve judge-eval` measures accuracy and position bias with."""
+        ...
 
 
 def parse_prompt(text: str) -> shapes.Prompt:
@@ -60,11 +66,12 @@ class SceneJudgeBackend:
         (satisfied, score); ties go to the teacher listed first in the request.
         `student_matches` is True iff the student's image satisfies the prompt
         AND its score >= the best teacher's score. `reason` lists the failed
-        checks of the student and of the best teacher.
+        checks of the student and of the best teacher. Always decided.
     expand
         k distinct prompts of the input's category (same skill), never the
-        input itself, in a random order fixed by (config seed, request seed,
-        prompt). Fewer than k only when the category has no more prompts.
+        input itself nor one of `avoid_prompts`, in a random order fixed by
+        (config seed, request seed, prompt). Fewer than k only when the
+        category has no more prompts.
     mutate
         n distinct prompts, none in `avoid_prompts`, drawn round-robin over the
         categories that no avoided prompt has (so the new prompts spread over
@@ -83,33 +90,40 @@ class SceneJudgeBackend:
     def _discriminate_one(self, req: DiscriminateRequest) -> DiscriminateVerdict:
         prompt = parse_prompt(req.prompt)
         names = [t.teacher for t in req.teacher_images]
-        if len(set(names)) != len(names):
-            raise ValueError(f"teacher names must be unique within a request, got {names}")
-
-        student = shapes.check(prompt, _decode(req.student_image, "student image"))
         teachers = {t.teacher: shapes.check(prompt, _decode(t.image, f"image of teacher {t.teacher!r}"))
                     for t in req.teacher_images}
         # max() keeps the first of equal keys: ties go to request order.
         best = max(names, key=lambda n: (teachers[n].satisfied, teachers[n].score))
-        best_score = float(teachers[best].score)
-        matches = bool(student.satisfied) and float(student.score) >= best_score
-
-        def failed(res: shapes.CheckResult) -> str:
-            return "ok" if res.satisfied else "failed " + ", ".join(res.failed)
-
+        reason = f"best teacher {best} {_failed(teachers[best])}"
+        matches, student_score = False, None
+        if req.student_image is not None:
+            student = shapes.check(prompt, _decode(req.student_image, "student image"))
+            matches = bool(student.satisfied) and float(student.score) >= float(teachers[best].score)
+            student_score = _unit(student.score)
+            reason = f"student {_failed(student)}; {reason}"
         return DiscriminateVerdict(
             prompt=req.prompt,
             best_teacher=best,
             student_matches=matches,
-            student_score=_unit(student.score),
+            student_score=student_score,
             teacher_scores={n: _unit(r.score) for n, r in teachers.items()},
-            reason=f"student {failed(student)}; best teacher {best} {failed(teachers[best])}",
+            reason=reason,
         )
+
+    def compare(self, prompt: str, first: bytes, second: bytes) -> Comparison:
+        p = parse_prompt(prompt)
+        a = shapes.check(p, _decode(first, "first image"))
+        b = shapes.check(p, _decode(second, "second image"))
+        ka, kb = (a.satisfied, a.score), (b.satisfied, b.score)
+        winner = None if ka == kb else ("first" if ka > kb else "second")
+        return Comparison(first="first", second="second", winner=winner,
+                          answers=[f"first {_failed(a)}; second {_failed(b)}"])
 
     # -- expand ----------------------------------------------------------------
     def expand(self, req: ExpandRequest) -> ExpandResult:
         prompt = parse_prompt(req.prompt)
-        pool = sorted({p.text for p in shapes.all_prompts(prompt.category)} - {prompt.text})
+        avoid = {prompt.text, *(normalize(t) for t in req.avoid_prompts)}
+        pool = sorted({p.text for p in shapes.all_prompts(prompt.category)} - avoid)
         rng = random.Random(f"expand:{self.seed}:{req.seed}:{prompt.text}")
         rng.shuffle(pool)
         return ExpandResult(prompt=req.prompt, variants=pool[: req.k])
@@ -136,6 +150,19 @@ class SceneJudgeBackend:
         return MutateResult(prompts=order[: req.n])
 
 
+def _failed(res: shapes.CheckResult) -> str:
+    return "ok" if res.satisfied else "failed " + ", ".join(res.failed)
+
+
+def normalize(text: str) -> str:
+    """A training prompt's grammar form, or the text itself when it does not parse
+    (an avoid list may hold prompts from anywhere)."""
+    try:
+        return shapes.parse(text).text
+    except shapes.PromptError:
+        return text
+
+
 def _unit(x: float) -> float:
     return min(1.0, max(0.0, float(x)))
 
@@ -147,11 +174,15 @@ def _zip_longest(pools: list[list[str]]) -> list[list[str]]:
 
 
 def make_backend(cfg: JudgeConfig) -> JudgeBackend:
-    """The backend that `cfg.backend` names."""
+    """The backend that `cfg.backend` names. Backend "vllm" is deployed first and
+    then reached as "openai" (`serve.judge.deploy_judge` does both)."""
     if cfg.backend == "scene":
         return SceneJudgeBackend(seed=cfg.seed)
     if cfg.backend == "openai":
-        raise NotImplementedError(
-            "the OpenAI-compatible VLM backend is not available yet; use backend='scene'"
-        )
-    raise ValueError(f"unknown judge backend {cfg.backend!r}; expected 'scene' or 'openai'")
+        from serve.vlm_judge import OpenAIJudgeBackend
+
+        return OpenAIJudgeBackend(cfg)
+    if cfg.backend == "vllm":
+        raise ValueError("judge backend 'vllm' is an in-cluster deployment: start it with "
+                         "serve.judge.deploy_judge (evolve run does), which points an 'openai' judge at it")
+    raise ValueError(f"unknown judge backend {cfg.backend!r}; expected 'scene', 'openai' or 'vllm'")

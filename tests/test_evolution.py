@@ -33,6 +33,17 @@ def test_delete_where_student_matches_expand_where_teacher_wins():
     assert stats.teacher_wins == {"b": 1, "a": 1}
 
 
+def test_no_verdict_leaves_the_sample_and_is_counted():
+    recs = [rec("a red circle"), rec("a blue square")]
+    undecided = DiscriminateVerdict(prompt="a blue square", best_teacher="a", decided=False,
+                                    reason="no verdict: student vs a undecided")
+    plan, stats = ev.plan_round(recs, [verdict("a red circle", False), undecided],
+                                EvolutionConfig(mutate_prob=0.0), np.random.default_rng(0))
+    assert plan.delete_ids == () and plan.expand_ids == (recs[0].id,)
+    assert stats.no_verdict == 1 and stats.judged == 2 and stats.student_win_rate == 0.0
+    assert stats.teacher_wins == {"a": 1}
+
+
 def test_expand_k_zero_expands_nothing():
     recs = [rec("a red circle")]
     plan, _ = ev.plan_round(recs, [verdict("a red circle", False)], EvolutionConfig(expand_k=0),

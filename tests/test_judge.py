@@ -63,8 +63,20 @@ def test_schemas_reject_non_png_and_extra_fields():
 def test_make_backend():
     assert isinstance(make_backend(JudgeConfig()), SceneJudgeBackend)
     assert isinstance(make_backend(JudgeConfig()), JudgeBackend)
-    with pytest.raises(NotImplementedError, match="use backend='scene'"):
-        make_backend(JudgeConfig(backend="openai"))
+    vlm = make_backend(JudgeConfig(backend="openai", base_url="http://127.0.0.1:9/v1", model="m"))
+    assert isinstance(vlm, JudgeBackend) and type(vlm).__name__ == "OpenAIJudgeBackend"
+
+
+def test_selection_only_and_compare(judge):
+    right, wrong = draw("three triangles", 1), draw("two triangles", 2)
+    v = judge.discriminate([DiscriminateRequest(prompt="three triangles", teacher_images=[
+        TeacherImage(teacher="a", image=wrong), TeacherImage(teacher="b", image=right)])])[0]
+    assert v.best_teacher == "b" and v.decided and v.student_score is None and not v.student_matches
+    assert judge.compare("three triangles", right, wrong).winner == "first"
+    assert judge.compare("three triangles", wrong, right).winner == "second"
+    assert judge.compare("three triangles", right, right).winner is None  # a tie is no verdict
+    with pytest.raises(ValueError, match="reserved"):
+        DiscriminateRequest(prompt="a circle", teacher_images=[TeacherImage(teacher="student", image=right)])
 
 
 # -- discriminate ---------------------------------------------------------------------
@@ -109,6 +121,13 @@ def test_expand(judge, prompt):
     assert len(set(out)) == len(out) and prompt not in out
     assert all(shapes.parse(v).category == category for v in out)
     assert judge.expand(ExpandRequest(prompt=prompt, k=5, seed=3)).variants == out
+
+
+def test_expand_avoids_the_training_set(judge):
+    full = set(judge.expand(ExpandRequest(prompt="a red circle", k=64)).variants)
+    avoid = sorted(full)[:5] + ["not a grammar prompt"]
+    out = judge.expand(ExpandRequest(prompt="a red circle", k=64, avoid_prompts=avoid)).variants
+    assert set(out) == full - set(avoid)
 
 
 def test_expand_small_category_and_seeds(judge):
@@ -163,8 +182,9 @@ def test_judge_serve(ray_local):
 
     from serve.judge import build_judge_app
 
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        build_judge_app({"backend": "openai"})  # fails in the driver, before any deploy
+    with pytest.raises(ValueError, match="JUDGE_KEY_NOT_SET"):  # fails in the driver, before any deploy
+        build_judge_app({"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                         "api_key_env": "JUDGE_KEY_NOT_SET"})
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     handle = serve.run(build_judge_app(JudgeConfig(max_batch_size=16, batch_wait_s=0.3)),
                        name="judge", route_prefix="/judge")
@@ -208,3 +228,41 @@ def test_judge_serve(ray_local):
         assert status == 400 and "unknown op" in body["error"]
     finally:
         serve.delete("judge")
+
+
+@pytest.mark.integration
+def test_vlm_judge_behind_serve(ray_local):
+    """The VLM backend in the same deployment: batched requests fan out to a
+    chat-completions server concurrently; garbage answers are counted, not raised."""
+    from ray import serve
+
+    from chat_server import ChatServer
+    from serve.judge import build_judge_app
+
+    with ChatServer(latency_s=0.05) as vlm:
+        cfg = JudgeConfig(backend="openai", base_url=vlm.url, model="tiny-vlm", max_batch_size=16,
+                          batch_wait_s=0.3, max_concurrency=8)
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        handle = serve.run(build_judge_app(cfg), name="judge-vlm", route_prefix="/judge-vlm")
+        try:
+            reqs, expected = [], []
+            for i in range(16):
+                prompt, wrong = CASES[i % len(CASES)]
+                ok = i % 2 == 0
+                student, teacher = (prompt, wrong) if ok else (wrong, prompt)
+                reqs.append(request(prompt, draw(student, seed=i), {"t": draw(teacher, seed=100 + i)}))
+                expected.append(ok)
+            verdicts = [r.result(timeout_s=60) for r in [handle.discriminate.remote(q) for q in reqs]]
+            assert [v.student_matches for v in verdicts] == expected
+            assert all(v.decided and v.comparisons for v in verdicts)
+            out = handle.expand.remote(ExpandRequest(prompt="three circles", k=2)).result(timeout_s=30)
+            assert len(out.variants) == 2 and out.raw
+            vlm.mode = "script"
+            vlm.script.extend(["I'd rather not say."] * 3)
+            v = handle.discriminate.remote(reqs[0]).result(timeout_s=60)
+            assert not v.decided
+            stats = handle.stats.remote().result(timeout_s=30)
+            print("vlm judge stats:", stats)
+            assert stats["max_batch_seen"] > 1 and stats["no_verdict"] == 1 and stats["reasks"] == 2
+        finally:
+            serve.delete("judge-vlm")
