@@ -6,6 +6,7 @@
     evolve generate --checkpoint DIR --prompts FILE.jsonl --out DIR
     evolve heldout --out FILE.jsonl the held-out prompt set
     evolve teachers serve           embedded teachers on 127.0.0.1
+    evolve judge-eval [--base-url URL --model M]   how far to trust a judge
 """
 
 from __future__ import annotations
@@ -217,6 +218,49 @@ def serve_edgen(
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+@app.command("judge-eval")
+def judge_eval_cmd(
+    config: Optional[Path] = typer.Option(None, help="RunConfig whose `judge` to evaluate (default: scene)"),
+    base_url: Optional[str] = typer.Option(None, help="an OpenAI-compatible VLM endpoint (sets backend openai)"),
+    model: Optional[str] = typer.Option(None, help="the VLM's model name at base_url"),
+    api_key_env: Optional[str] = typer.Option(None, help="env var holding the endpoint's key"),
+    order: Optional[str] = typer.Option(None, help="random | both (see JudgeConfig.order)"),
+    structured: Optional[str] = typer.Option(None, help="json_schema | vllm | none"),
+    pairs: int = typer.Option(120, min=1, help="image pairs; each is asked both ways round"),
+    size: int = typer.Option(32, min=16, help="image side in pixels"),
+    seed: int = typer.Option(0),
+    concurrency: int = typer.Option(8, min=1, help="pairs asked at once"),
+    throughput_requests: int = typer.Option(64, min=0, help="discriminate requests timed (0: skip)"),
+    out: Optional[Path] = typer.Option(None, help="write the report here as JSON"),
+):
+    """Ask a judge about image pairs whose right answer is known; report accuracy,
+    position bias and verdicts/s. Runs in this process: no Ray needed."""
+    from pydantic import ValidationError
+
+    from evolve.config import JudgeConfig
+    from evolve.judge_eval import judge_eval, make_pairs
+    from serve.judge_backends import make_backend
+
+    jc = _load_config(config).judge if config else JudgeConfig()
+    over = {"base_url": base_url, "model": model, "api_key_env": api_key_env, "order": order,
+            "structured": structured}
+    data = jc.model_dump()
+    data.update({k: v for k, v in over.items() if v is not None})
+    if base_url:
+        data["backend"] = "openai"
+    try:
+        backend = make_backend(JudgeConfig.model_validate(data))
+    except (ValidationError, ValueError) as e:
+        _fail(f"bad judge configuration: {e}")
+    report = judge_eval(backend, make_pairs(pairs, size, seed), concurrency=concurrency,
+                        throughput_requests=throughput_requests)
+    report = {"backend": data["backend"], "model": data.get("model"), "order": data["order"], **report}
+    text = json.dumps(report, indent=2)
+    if out:
+        out.write_text(text)
+    typer.echo(text)
 
 
 @teachers_app.command("serve")

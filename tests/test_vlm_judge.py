@@ -288,3 +288,40 @@ def test_grammar_check_off_keeps_free_text(server):
     server.script.append('["a watercolor fox in the snow", "A watercolor fox in the snow.", "a city at night"]')
     out = judge.expand(ExpandRequest(prompt="a red fox", k=2))
     assert out.variants == ["a watercolor fox in the snow", "a city at night"]
+
+
+# -- judge-eval harness ------------------------------------------------------------------------
+def test_judge_eval_scene_backend_is_exact():
+    from evolve.judge_eval import judge_eval, make_pairs
+
+    pairs = make_pairs(60, seed=3)
+    assert len(pairs) == 60 and {p.category for p in pairs} == set(shapes.CATEGORIES)
+    report = judge_eval(make_backend(JudgeConfig()), pairs, throughput_requests=8)
+    assert report["accuracy"] >= 0.99 and report["position_bias"] == 0.0 and report["no_answer"] == 0.0
+    assert report["verdicts"] == 8 and report["verdicts_per_s"] > 0
+
+
+def test_judge_eval_measures_a_biased_vlm(server):
+    from evolve.judge_eval import judge_eval, make_pairs
+
+    pairs = make_pairs(12, seed=1)
+    truthful = judge_eval(backend(server), pairs, throughput_requests=0)
+    assert truthful["accuracy"] == 1.0 and truthful["position_bias"] == 0.0
+    server.mode = "first"  # always (A): right half the time, and every pair flips with the order
+    biased = judge_eval(backend(server), pairs, throughput_requests=4)
+    assert biased["accuracy"] == 0.5 and biased["position_bias"] == 1.0 and biased["first_rate"] == 1.0
+    both = judge_eval(backend(server, order="both"), pairs, throughput_requests=4)
+    assert both["verdicts_decided"] == 0  # asking both orders exposes every biased verdict
+
+
+
+@pytest.mark.parametrize("name", ["judge-vllm.yaml", "judge-remote.yaml"])
+def test_example_judge_configs_load(name):
+    from pathlib import Path
+
+    from evolve.config import RunConfig
+    from serve.judge import vlm_client_config
+
+    cfg = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" / name).judge
+    client = vlm_client_config(cfg, 8000)
+    assert client.backend == "openai" and client.base_url and client.model and client.order == "both"
