@@ -236,11 +236,15 @@ class OpenAIJudgeBackend:
             return winners.pop(), comps
         return None, comps
 
-    def _verdict(self, req: DiscriminateRequest) -> DiscriminateVerdict:
+    def _decode(self, req: DiscriminateRequest) -> tuple[list[tuple[str, Image.Image]], tuple | None]:
         px = self.cfg.max_pixels
         teachers = [(t.teacher, fit_image(t.image, px, f"image of teacher {t.teacher!r}"))
                     for t in req.teacher_images]
         student = None if req.student_image is None else (STUDENT, fit_image(req.student_image, px, "student image"))
+        return teachers, student
+
+    def _verdict(self, req: DiscriminateRequest, teachers: list[tuple[str, Image.Image]],
+                 student: tuple[str, Image.Image] | None) -> DiscriminateVerdict:
         key = hashlib.sha1(b"".join([req.student_image or b""] + [t.image for t in req.teacher_images]),
                            usedforsecurity=False).hexdigest()
         best, comps, undecided = teachers[0], [], 0
@@ -267,7 +271,10 @@ class OpenAIJudgeBackend:
                                    decided=decided, comparisons=comps, reason=reason)
 
     def discriminate(self, reqs: list[DiscriminateRequest]) -> list[DiscriminateVerdict]:
-        return list(self.pool.map(self._verdict, reqs))
+        # Every image is decoded before the first question, so a bad one fails
+        # the batch before anything is asked (and paid for) twice.
+        decoded = [self._decode(r) for r in reqs]
+        return list(self.pool.map(lambda rd: self._verdict(rd[0], *rd[1]), zip(reqs, decoded)))
 
     # -- expand / mutate ---------------------------------------------------------------------
     def _generate(self, question: Any, want: int, avoid: list[str]
