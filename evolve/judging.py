@@ -179,7 +179,12 @@ def parse_prompt_list(answer: str) -> tuple[list, str | None]:
         if obj is None:
             if start < 0:
                 return [], "the answer is not a JSON list"
-            items = [json.loads(s) for s in _STRING_LITERAL.findall(text[start + 1:])]
+            items = []
+            for literal in _STRING_LITERAL.findall(text[start + 1:]):
+                try:
+                    items.append(json.loads(literal))
+                except json.JSONDecodeError:  # raw control characters and the like: not a prompt
+                    pass
             return items, f"the answer is not valid JSON; kept its {len(items)} complete strings"
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
@@ -225,6 +230,9 @@ def screen_prompts(
         text = " ".join(item.split())
         if not text:
             rejected.append(Rejected(prompt=item, why="empty"))
+            continue
+        if not text.isprintable():
+            rejected.append(Rejected(prompt=text[:200], why="contains control characters"))
             continue
         if len(text) > max_chars:
             rejected.append(Rejected(prompt=text[:200], why=f"longer than {max_chars} characters"))

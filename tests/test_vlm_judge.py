@@ -71,6 +71,7 @@ def test_parse_choice(answer, letter):
     ('"a circle"', ["a circle"], True),
     ("[1, null, \"a circle\"]", [1, None, "a circle"], True),      # screening drops the non-strings
     ("__import__('os').system('echo pwned')", [], False),          # never evaluated
+    ('{"prompts": ["a circle", "\x10q{pro<( square,', ["a circle"], False),  # raw control character
 ])
 def test_parse_prompt_list(answer, items, ok):
     got, problem = parse_prompt_list(answer)
@@ -80,14 +81,14 @@ def test_parse_prompt_list(answer, items, ok):
 def test_screen_prompts():
     kept, rejected = screen_prompts(
         ["a circle", "A  Circle!", "two squares", "", "x" * 400, 7, "a hexagon", "a red circle",
-         "The red circle"],
+         "The red circle", "a \x10 circle"],
         avoid=["two squares"], max_chars=300, canonical=lambda t: shapes.parse(t).text
         if _parses(t) else _raise(t))
     assert kept == ["a circle", "a red circle"]
     whys = [r.why for r in rejected]
     assert any("duplicate of 'a circle'" in w for w in whys)
     assert any("duplicate of 'two squares'" in w for w in whys)
-    assert "empty" in whys and "not a string" in whys
+    assert "empty" in whys and "not a string" in whys and "contains control characters" in whys
     assert any("longer than 300" in w for w in whys) and any("grammar" in w for w in whys)
     assert normalize_prompt("The  RED circle.") == normalize_prompt("a red circle")
 
