@@ -245,7 +245,7 @@ def screen_prompts(
                 continue
         key = normalize_prompt(text)
         if not key:
-            rejected.append(Rejected(prompt=text, why="empty"))
+            rejected.append(Rejected(prompt=text, why="no words"))
         elif key in seen:
             rejected.append(Rejected(prompt=text, why=f"duplicate of {seen[key]!r}"))
         else:
