@@ -100,12 +100,19 @@ async def generate_images(
     api_key: str | None,
     timeout_s: float,
     n: int = 1,
+    idempotency_key: str | None = None,
 ) -> list[GeneratedImage]:
-    """Generate `n` images (seeds seed..seed+n-1 on teachers that honour seeds)."""
+    """Generate `n` images (seeds seed..seed+n-1 on teachers that honour seeds).
+
+    `idempotency_key` goes out as the `Idempotency-Key` header: servers that
+    honour it (the embedded teachers, payment-style APIs) answer a repeated
+    key with the first, already billed result; others ignore it."""
     url = base_url.rstrip("/") + "/images/generations"
     payload = {"model": model, "prompt": prompt, "n": n, "size": f"{size}x{size}",
                "response_format": "b64_json", "seed": seed}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
     try:
         async with session.post(url, json=payload, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:

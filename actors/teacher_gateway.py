@@ -16,6 +16,8 @@ store, then the ledger, as soon as they arrive.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import random
@@ -130,6 +132,12 @@ class TeacherGateway:
                         "error": str(exc), "error_type": type(exc).__name__}
         return list(await asyncio.gather(*(one(p, s) for p, s in items)))
 
+    def idempotency_key(self, prompt: str, seed: int) -> str:
+        """One key per purchase (teacher, model, prompt, seed, size), the same after
+        a restart: a server that honours it never bills a repeated call twice."""
+        ident = json.dumps([self.name, self.model, prompt, int(seed), self.size])
+        return "evolve-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
+
     def stats(self) -> dict[str, Any]:
         return {"teacher": self.name, "spent": self._spent, "budget": self.cfg.budget,
                 "reserved": self._reserved_calls * self.cfg.price_per_image,
@@ -194,7 +202,8 @@ class TeacherGateway:
             await self._limiter.acquire()
             try:
                 images = await generate_images(self._client(), self.base_url, self.model, prompt, seed,
-                                               self.size, self._api_key, self.timeout_s)
+                                               self.size, self._api_key, self.timeout_s,
+                                               idempotency_key=self.idempotency_key(prompt, seed))
             except TeacherHTTPError as exc:
                 if exc.status == 429:
                     self._counts["throttled_429"] += 1

@@ -10,7 +10,10 @@ same protocol, throttling and failures as with a paid provider:
     GET  /health                 -> {"status": "ok"}
     GET  /stats                  -> request/status/concurrency counters (for tests and dashboards)
 
-`seed` and the per-image `flaws` list are extensions (OpenAI has neither).
+`seed` and the per-image `flaws` list are extensions (OpenAI has neither), and
+so is `Idempotency-Key` (as payment APIs have it): a repeated key gets the
+first call's billed answer back, unbilled, so a client that died mid-call and
+asks again pays once.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}:
 400 bad JSON / size / prompt outside the grammar, 401 wrong key, 404 unknown
 model, 429 above `server_rpm` (with Retry-After), 503 at `error_rate`.
@@ -66,9 +69,13 @@ class _TeacherState:
         self.rng = random.Random(cfg.seed)
         self.statuses: Counter[int] = Counter()
         self.requests = 0
-        self.images = 0
+        self.images = 0          # images billed
+        self.replayed = 0        # answers replayed for a repeated Idempotency-Key (not billed)
         self.in_flight = 0
         self.max_in_flight = 0
+        # Idempotency-Key -> the billed answer (or the task computing it), so a
+        # client that crashed mid-call gets its paid image back instead of paying again.
+        self.idempotent: dict[str, tuple[tuple, asyncio.Future]] = {}
 
     def admit(self, now: float) -> float | None:
         """Sliding window: None if the request may go on, else seconds until it could."""
@@ -83,7 +90,7 @@ class _TeacherState:
 
     def stats(self) -> dict[str, Any]:
         return {"teacher": self.cfg.name, "requests": self.requests, "images": self.images,
-                "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                "replayed": self.replayed, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                 "statuses": {str(k): v for k, v in sorted(self.statuses.items())}}
 
 
@@ -175,13 +182,31 @@ async def _generate(request: web.Request, st: _TeacherState) -> web.Response:
     if cfg.error_rate and st.rng.random() < cfg.error_rate:
         return _error(503, "The engine is currently overloaded, please try again later.",
                       "server_error", "overloaded")
-    await asyncio.sleep(cfg.latency_s * n)  # drawing takes time, as a real model's would
+    key = request.headers.get("Idempotency-Key")
+    if key:
+        asked = (prompt, seed, n)
+        seen = st.idempotent.get(key)
+        if seen is not None:  # the same call again (a client restarted): the billed answer, free
+            if seen[0] != asked:
+                return _error(422, "This Idempotency-Key was used with other parameters.",
+                              "invalid_request_error", "idempotency_key_reused")
+            st.replayed += 1
+            return web.json_response(await asyncio.shield(seen[1]))
+        done = asyncio.ensure_future(_draw(st, parsed, seed, n))
+        st.idempotent[key] = (asked, done)
+        # Drawn to the end even if this client disconnects: it is billed either way.
+        return web.json_response(await asyncio.shield(done))
+    return web.json_response(await _draw(st, parsed, seed, n))
+
+
+async def _draw(st: _TeacherState, parsed: Any, seed: int, n: int) -> dict[str, Any]:
+    await asyncio.sleep(st.cfg.latency_s * n)  # drawing takes time, as a real model's would
     data = []
     for i in range(n):
-        arr, fired = teacher_render(parsed, seed + i, st.size, cfg.flaws, cfg.seed)
+        arr, fired = teacher_render(parsed, seed + i, st.size, st.cfg.flaws, st.cfg.seed)
         data.append({"b64_json": base64.b64encode(to_png(arr)).decode("ascii"), "flaws": list(fired)})
     st.images += n
-    return web.json_response({"created": int(time.time()), "data": data})
+    return {"created": int(time.time()), "data": data}
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -46,6 +46,15 @@ def test_tiny_run_end_to_end_and_resume(ray_local, tmp_path):
     assert {r.op for r in v1} <= {"seed", "expand", "mutate"}
     # Mutation probability 1.0 in the tiny config: round 0 must have mutated.
     assert rounds[0]["mutated"] is True
+    # Every judge answer is kept beside the samples it decided.
+    judged = json.loads((run / "verdicts" / "judge_000.json").read_text())
+    assert len(judged) == rounds[0]["judged"] and rounds[0]["no_verdict"] == 0
+    assert {e["record_id"] for e in judged} <= {r.id for r in versions.read(0)}
+    chosen = {e["record_id"]: e["verdict"]["best_teacher"]
+              for e in json.loads((run / "verdicts" / "select_000.json").read_text())}
+    assert chosen == {r.id: r.teacher for r in versions.read(0)}
+    evolved = json.loads((run / "verdicts" / "evolve_000.json").read_text())
+    assert {e["op"] for e in evolved} == {"expand", "mutate"}
 
     # No paid image twice: one ledger entry per (teacher, prompt, seed, size).
     entries = Ledger(run / "ledger.jsonl").entries()

@@ -208,6 +208,34 @@ def test_gateway_never_pays_twice(tmp_path):
     asyncio.run(main())
 
 
+def test_a_call_cut_off_mid_flight_is_paid_once(tmp_path):
+    """The gateway dies while the teacher is drawing (billed, never received); the
+    restarted gateway asks again with the same Idempotency-Key and gets that image."""
+    async def main() -> None:
+        cfg = teacher(latency_s=0.4)
+        async with serving(cfg) as (servers, url):
+            gw = gateway(cfg, url, tmp_path)
+            doomed = asyncio.ensure_future(gw.render(GOOD, 3))
+            await asyncio.sleep(0.15)           # the request is at the server now
+            for task in [doomed, *gw._inflight.values()]:  # the process dies: every task stops
+                task.cancel()
+            await gw.close()                    # connection gone: nothing recorded
+            assert Ledger(tmp_path / "ledger.jsonl").entries() == []
+            again = gateway(cfg, url, tmp_path)
+            out = await again.render(GOOD, 3)
+            await again.close()
+            st = servers.stats()["tutor"]
+            assert st["images"] == 1 and st["replayed"] == 1 and not out["cached"]
+            assert len(Ledger(tmp_path / "ledger.jsonl").entries()) == 1
+
+            key = again.idempotency_key(GOOD, 3)
+            async with aiohttp.ClientSession() as s:  # a key reused for another call is refused
+                async with s.post(url + "/images/generations", json=req(seed=4),
+                                  headers={"Idempotency-Key": key}) as r:
+                    assert r.status == 422 and (await r.json())["error"]["code"] == "idempotency_key_reused"
+    asyncio.run(main())
+
+
 def test_gateway_never_exceeds_budget_under_concurrency(tmp_path):
     async def main() -> None:
         cfg = teacher(budget=0.05, latency_s=0.05)
