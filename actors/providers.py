@@ -78,9 +78,12 @@ DEFAULT_BASE_URLS = {
 PLACEHOLDER_SPREAD = 6
 
 # Error codes and texts that mark a content-policy refusal or an empty account.
-# Codes (OpenAI `code`, Stability `name`, fal `type`) are matched first: a
-# message can mention "moderation" merely because a parameter has that name.
+# Codes (OpenAI `code`, Stability `name`, fal `type`) may be matched broadly;
+# messages only by phrases, since a message can mention "moderation" merely
+# because a parameter has that name (gpt-image-1's `moderation`).
 _POLICY = re.compile(r"content[_ ]?polic|moderat|nsfw|safety[_ ](system|check|filter)|flagged|unsafe", re.I)
+_POLICY_TEXT = re.compile(r"content[_ ]?polic|safety (system|check|filter)|moderation system|flagged|"
+                          r"nsfw|moderated", re.I)
 _CREDITS = re.compile(r"insufficient[_ ](quota|credit|balance|funds)|exhausted balance|billing|"
                       r"payment[_ ]required|out of credits|not enough credits", re.I)
 
@@ -101,6 +104,11 @@ class ImageJob:
     poll_url: str | None
     result_url: str | None
     images: tuple[GeneratedImage, ...] | None
+
+    def __repr__(self) -> str:  # image bytes would drown a log line
+        images = None if self.images is None else f"<{len(self.images)} image(s)>"
+        return (f"ImageJob(provider={self.provider!r}, job_id={self.job_id!r}, poll_url={self.poll_url!r}, "
+                f"result_url={self.result_url!r}, images={images})")
 
     def to_record(self) -> dict[str, Any]:
         """JSON-safe form for a ledger, without image bytes (those go to the image store)."""
@@ -228,18 +236,25 @@ class ImageProvider(ABC):
 
     # -- public ------------------------------------------------------------------------------
     @abstractmethod
-    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int) -> ImageJob:
-        """Ask for one image of `prompt`; the only call that may cost money."""
+    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                     idempotency_key: str | None = None) -> ImageJob:
+        """Ask for one image of `prompt`; the only call that may cost money.
+
+        `idempotency_key` goes out as the `Idempotency-Key` header: servers that
+        honour it (the embedded teachers, the OpenAI sim) answer a repeated key
+        with the first, already billed result; the public APIs here do not
+        document it and ignore it."""
 
     @abstractmethod
     async def collect(self, session: aiohttp.ClientSession, job: ImageJob, size: int) -> list[GeneratedImage]:
         """The validated images of `job`: polls, downloads and checks, all free,
         so it may be called again with the same job after any failure."""
 
-    async def generate(self, session: aiohttp.ClientSession, prompt: str, seed: int,
-                       size: int) -> list[GeneratedImage]:
+    async def generate(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                       idempotency_key: str | None = None) -> list[GeneratedImage]:
         """submit + collect, for callers that keep no ledger of jobs."""
-        return await self.collect(session, await self.submit(session, prompt, seed, size), size)
+        job = await self.submit(session, prompt, seed, size, idempotency_key=idempotency_key)
+        return await self.collect(session, job, size)
 
     def requested_side(self, size: int) -> int:
         """The square side asked of the provider for a teacher image of `size` px."""
@@ -252,6 +267,10 @@ class ImageProvider(ABC):
     # -- plumbing for subclasses ---------------------------------------------------------------
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    @staticmethod
+    def _idem(idempotency_key: str | None, **headers: str) -> dict[str, str]:
+        return {**headers, "Idempotency-Key": idempotency_key} if idempotency_key else headers
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -298,10 +317,11 @@ class ImageProvider(ABC):
                            f"{method} {_where(url)}: {message}", retry_after)
 
     def _classify(self, status: int, message: str, code: str) -> str:
-        """The error kind of an HTTP error answer (providers refine it where their codes differ)."""
-        if 400 <= status < 500 and (_CREDITS.search(code) if code else _CREDITS.search(message)):
+        """The error kind of an HTTP error answer, from its status and the provider's
+        code and message (`_error_text` reads every supported provider's error body)."""
+        if 400 <= status < 500 and (_CREDITS.search(code) or _CREDITS.search(message)):
             return "credits"  # before 429: OpenAI's empty account is a 429 "insufficient_quota"
-        if status in (400, 403, 422, 451) and (_POLICY.search(code) if code else _POLICY.search(message)):
+        if status in (400, 403, 422, 451) and (_POLICY.search(code) or _POLICY_TEXT.search(message)):
             return "content_policy"
         if status in (401, 403):
             return "auth"
@@ -392,6 +412,8 @@ def _error_text(body: bytes) -> tuple[str, str]:
     except ValueError:
         text = body[:300].decode("utf-8", "replace").strip()
         return (text or "(empty body)"), ""
+    if isinstance(data, list):  # a bare list of validation items (some fal models)
+        data = {"detail": data}
     if not isinstance(data, dict):
         return str(data)[:300], ""
     code = ""
@@ -407,7 +429,8 @@ def _error_text(body: bytes) -> tuple[str, str]:
         message = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', d)}" for d in items)
     elif data.get("errors"):
         code = str(data.get("name") or "")
-        message = "; ".join(str(e) for e in data["errors"]) if isinstance(data["errors"], list) else str(data["errors"])
+        errors = data["errors"]
+        message = "; ".join(str(e) for e in errors) if isinstance(errors, list) else str(errors)
     else:
         message = str(data.get("detail") or data.get("message") or data.get("title") or data)
         code = str(data.get("error_type") or data.get("name") or "")
@@ -454,7 +477,8 @@ class OpenAIImagesProvider(ImageProvider):
             return int(w) if w == h and w.isdigit() else None
         return size
 
-    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int) -> ImageJob:
+    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                     idempotency_key: str | None = None) -> ImageJob:
         url = f"{self.base_url}/images/generations"
         payload: dict[str, Any] = {"model": self.model, "prompt": prompt, "n": 1,
                                    "size": str(self.extra.get("size") or f"{size}x{size}")}
@@ -463,7 +487,7 @@ class OpenAIImagesProvider(ImageProvider):
         if self.extra.get("send_seed", not self._official()):
             payload["seed"] = int(seed)
         payload.update(self._params)
-        reply = await self._send(session, "POST", url, json_body=payload)
+        reply = await self._send(session, "POST", url, json_body=payload, headers=self._idem(idempotency_key))
         data = self._json(reply, "POST /images/generations")
         try:
             item = data["data"][0]
@@ -515,11 +539,13 @@ class BFLProvider(ImageProvider):
         side = self.MULTIPLE * math.ceil(size / self.MULTIPLE)
         return max(self.MIN_SIDE, min(self.MAX_SIDE, side))
 
-    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int) -> ImageJob:
+    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                     idempotency_key: str | None = None) -> ImageJob:
         side = self.requested_side(size)
         payload = {"prompt": prompt, "width": side, "height": side, "seed": int(seed),
                    "output_format": "png", **self._params}
-        reply = await self._send(session, "POST", f"{self.base_url}/v1/{self.model}", json_body=payload)
+        reply = await self._send(session, "POST", f"{self.base_url}/v1/{self.model}", json_body=payload,
+                                 headers=self._idem(idempotency_key))
         data = self._json(reply, f"POST /v1/{self.model}")
         task_id = data.get("id") if isinstance(data, dict) else None
         if not task_id:
@@ -546,7 +572,8 @@ class BFLProvider(ImageProvider):
             if status in ("Request Moderated", "Content Moderated"):
                 raise self._error("content_policy", 200, f"task {job.job_id}: {status}{details}")
             if status == "Task not found":
-                raise self._error("not_found", 200, f"task {job.job_id} not found (unknown, or its result expired)")
+                raise self._error("not_found", 200,
+                                  f"task {job.job_id} not found (unknown, or its result expired)")
             if status == "Error":
                 raise self._error("failed", 200, f"task {job.job_id} failed{details}")
             raise self._error("failed", 200, f"task {job.job_id}: unexpected status {status!r}")
@@ -569,7 +596,7 @@ class FalProvider(ImageProvider):
     "has_nsfw_concepts": [bool]} or the model's error (422 "detail" items of
     type content_policy_violation). A flagged image comes back black with
     has_nsfw_concepts true: a "safety_placeholder". An exhausted balance is a
-    403 "Exhausted balance" (credits). fal kept the result an hour (6 minutes
+    403 "Exhausted balance" (credits). fal keeps a result an hour (6 minutes
     past 10 KB); image URLs are on its CDN. Custom image_size is honoured, so
     sizes are checked. Docs: fal.ai/docs inference-api/queue, model-apis/errors,
     model-apis/request-errors."""
@@ -579,11 +606,13 @@ class FalProvider(ImageProvider):
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Key {self._api_key}"} if self._api_key else {}
 
-    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int) -> ImageJob:
+    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                     idempotency_key: str | None = None) -> ImageJob:
         side = self.requested_side(size)
         payload = {"prompt": prompt, "seed": int(seed), "image_size": {"width": side, "height": side},
                    "num_images": 1, "output_format": "png", "enable_safety_checker": True, **self._params}
-        reply = await self._send(session, "POST", f"{self.base_url}/{self.model}", json_body=payload)
+        reply = await self._send(session, "POST", f"{self.base_url}/{self.model}", json_body=payload,
+                                 headers=self._idem(idempotency_key))
         data = self._json(reply, f"POST /{self.model}")
         rid = data.get("request_id") if isinstance(data, dict) else None
         if not rid:
@@ -607,7 +636,8 @@ class FalProvider(ImageProvider):
                 if data.get("error"):
                     etype = str(data.get("error_type") or "")
                     kind = "content_policy" if _POLICY.search(etype) else "failed"
-                    raise self._error(kind, 200, f"request {job.job_id} failed: {data['error']} ({etype or 'no type'})")
+                    raise self._error(kind, 200,
+                                      f"request {job.job_id} failed: {data['error']} ({etype or 'no type'})")
                 return True
             raise self._error("failed", 200, f"request {job.job_id}: unexpected status {status!r}")
 
@@ -652,16 +682,18 @@ class ReplicateProvider(ImageProvider):
         # Hold the request for less than our own timeout, and within Replicate's 1..60 s.
         return int(self.extra.get("wait_s", max(1, min(60, int(self.timeout_s * 0.8)))))
 
-    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int) -> ImageJob:
+    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                     idempotency_key: str | None = None) -> ImageJob:
         inputs = {"prompt": prompt, "seed": int(seed), "aspect_ratio": _square_ratio(self.extra, "1:1"),
                   "output_format": "png", "num_outputs": 1, **dict(self.extra.get("input") or {})}
         if ":" in self.model:
-            url, body = f"{self.base_url}/v1/predictions", {"version": self.model.split(":", 1)[1], "input": inputs}
+            url = f"{self.base_url}/v1/predictions"
+            body = {"version": self.model.split(":", 1)[1], "input": inputs}
         else:
             url, body = f"{self.base_url}/v1/models/{self.model}/predictions", {"input": inputs}
         body.update(self._params)
         reply = await self._send(session, "POST", url, json_body=body, ok=(200, 201, 202),
-                                 headers={"Prefer": f"wait={self._wait_s()}"})
+                                 headers=self._idem(idempotency_key, Prefer=f"wait={self._wait_s()}"))
         pred = self._json(reply, "POST predictions")
         pid = pred.get("id") if isinstance(pred, dict) else None
         if not pid:
@@ -685,7 +717,7 @@ class ReplicateProvider(ImageProvider):
             return first
         error = str(pred.get("error") or "")
         if status == "failed":
-            kind = "content_policy" if _POLICY.search(error) else "failed"
+            kind = "content_policy" if _POLICY_TEXT.search(error) else "failed"
             raise self._error(kind, 200, f"prediction {pred.get('id')} failed: {error or 'no error given'}")
         if status == "canceled":
             raise self._error("failed", 200, f"prediction {pred.get('id')} was canceled")
@@ -726,7 +758,8 @@ class StabilityProvider(ImageProvider):
             return "sd3", {"model": self.model}
         return self.model, {}
 
-    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int) -> ImageJob:
+    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                     idempotency_key: str | None = None) -> ImageJob:
         path, model_field = self._path()
         form = aiohttp.FormData(default_to_multipart=True)  # the API takes multipart only
         fields = {"prompt": prompt, "aspect_ratio": _square_ratio(self.extra, "1:1"), "seed": str(int(seed)),
@@ -734,7 +767,8 @@ class StabilityProvider(ImageProvider):
         for name, value in fields.items():
             form.add_field(name, value)
         url = f"{self.base_url}/v2beta/stable-image/generate/{path}"
-        reply = await self._send(session, "POST", url, data=form, headers={"Accept": "image/*"})
+        reply = await self._send(session, "POST", url, data=form,
+                                 headers=self._idem(idempotency_key, Accept="image/*"))
         reason = reply.headers.get("finish-reason", "SUCCESS")
         if reason == "CONTENT_FILTERED":
             raise self._error("safety_placeholder", reply.status,
@@ -772,7 +806,8 @@ class IdeogramProvider(ImageProvider):
     def _auth_headers(self) -> dict[str, str]:
         return {"Api-Key": self._api_key} if self._api_key else {}
 
-    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int) -> ImageJob:
+    async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
+                     idempotency_key: str | None = None) -> ImageJob:
         form = aiohttp.FormData(default_to_multipart=True)
         fields = {"prompt": prompt, "seed": str(int(seed)), "aspect_ratio": _square_ratio(self.extra, "1x1"),
                   "rendering_speed": str(self.extra.get("rendering_speed", "TURBO")), "num_images": "1",
@@ -780,7 +815,8 @@ class IdeogramProvider(ImageProvider):
         for name, value in fields.items():
             form.add_field(name, value)
         path = str(self.extra.get("path", "/v1/ideogram-v3/generate"))
-        reply = await self._send(session, "POST", f"{self.base_url}{path}", data=form)
+        reply = await self._send(session, "POST", f"{self.base_url}{path}", data=form,
+                                 headers=self._idem(idempotency_key))
         data = self._json(reply, f"POST {path}")
         try:
             item = data["data"][0]
@@ -813,5 +849,6 @@ def make_provider(kind: str, base_url: str | None, model: str, api_key: str | No
     try:
         cls = PROVIDERS[kind]
     except KeyError:
-        raise ValueError(f"unknown image provider kind {kind!r}; allowed kinds: {', '.join(PROVIDER_KINDS)}") from None
+        raise ValueError(f"unknown image provider kind {kind!r}; "
+                         f"allowed kinds: {', '.join(PROVIDER_KINDS)}") from None
     return cls(base_url, model, api_key, **kw)
