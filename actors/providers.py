@@ -51,7 +51,7 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from actors.openai_images import GeneratedImage, TeacherHTTPError, parse_retry_after
+from actors.teacher_http import GeneratedImage, TeacherHTTPError, parse_retry_after
 
 __all__ = [
     "PROVIDER_KINDS", "ERROR_KINDS", "DEFAULT_BASE_URLS", "ImageJob", "ProviderError", "ImageProvider",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -31,9 +32,10 @@ import ray
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from actors.openai_images import GeneratedImage, TeacherHTTPError, generate_images
+from actors.teacher_http import GeneratedImage, TeacherHTTPError
+from actors.providers import ImageJob, ProviderError, make_provider
 from evolve.config import TeacherConfig
-from evolve.ledger import Ledger
+from evolve.ledger import JobLog, Ledger
 from evolve.store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -54,21 +56,58 @@ class BudgetExceeded(RuntimeError):
 
 
 class TeacherGatewayError(RuntimeError):
-    """A purchase failed for good: a permanent error, or retries ran out."""
+    """A purchase failed for good: a permanent error, or retries ran out.
+    `kind` types it (ProviderError kinds: content_policy, bad_request, auth,
+    credits, invalid_image, safety_placeholder, expired, failed, transient...)."""
 
     def __init__(self, teacher: str, prompt: str, seed: int, attempts: int,
-                 status: int | None, cause: str, permanent: bool) -> None:
-        super().__init__(teacher, prompt, seed, attempts, status, cause, permanent)
+                 status: int | None, cause: str, permanent: bool, kind: str = "failed") -> None:
+        super().__init__(teacher, prompt, seed, attempts, status, cause, permanent, kind)
         self.teacher, self.prompt, self.seed = teacher, prompt, seed
         self.attempts, self.status, self.cause, self.permanent = attempts, status, cause, permanent
+        self.kind = kind
 
     def __str__(self) -> str:
         how = "permanent error" if self.permanent else f"gave up after {self.attempts} attempts"
         return f"teacher {self.teacher}: {self.prompt!r} seed {self.seed}: {how}: {self.cause}"
 
 
+class GatewayMetrics:
+    """Per-teacher metrics for the Ray dashboard / Prometheus (`ray.util.metrics`;
+    outside a Ray worker they cost nothing and go nowhere)."""
+
+    def __init__(self, teacher: str) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"teacher": teacher}
+        keys = ("teacher",)
+        self.requests = Counter("evolve_teacher_requests", "HTTP calls to the teacher, by outcome",
+                                tag_keys=("teacher", "outcome"))
+        self.retries = Counter("evolve_teacher_retries", "calls retried", tag_keys=keys)
+        self.throttled = Counter("evolve_teacher_throttled", "429 answers", tag_keys=keys)
+        self.bought = Counter("evolve_teacher_images_bought", "images paid for", tag_keys=keys)
+        self.cache_hits = Counter("evolve_teacher_cache_hits", "images served from the ledger", tag_keys=keys)
+        self.spend = Gauge("evolve_teacher_spend_usd", "money spent on this teacher", tag_keys=keys)
+        self.latency = Histogram("evolve_teacher_latency_s", "seconds per teacher call",
+                                 boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+                                 tag_keys=keys)
+
+    def call(self, seconds: float, outcome: str) -> None:
+        self.requests.inc(1, tags={**self.tags, "outcome": outcome})
+        self.latency.observe(seconds, tags=self.tags)
+
+
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, TeacherHTTPError) and exc.retryable
+
+
+def _kind(exc: TeacherHTTPError) -> str:
+    return exc.kind if isinstance(exc, ProviderError) else ("transient" if exc.retryable else "failed")
+
+
+# Refusals of the prompt itself: never sent again. (auth, credits, not_found are
+# about the account or the config, not the prompt.)
+_PROMPT_REFUSALS = ("content_policy", "bad_request")
 
 
 class TeacherGateway:
@@ -87,7 +126,14 @@ class TeacherGateway:
         self._api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
         self._store = ImageStore(store_root)
         self._ledger = Ledger(ledger_path)
-        self._spent = self._ledger.spent(self.name)
+        # Jobs billed but not yet in the ledger, and prompts refused for good.
+        self._jobs = JobLog(Path(ledger_path).with_suffix(".jobs.jsonl"))
+        self._spent = self._ledger.spent(self.name) + self._jobs.spent(self.name)
+        self._provider = make_provider("openai" if self.cfg.kind == "embedded" else self.cfg.kind,
+                                       base_url, self.model, self._api_key, timeout_s=timeout_s,
+                                       poll_interval_s=self.cfg.poll_interval_s, max_poll_s=self.cfg.max_poll_s,
+                                       extra=self.cfg.provider_options)
+        self._no_credits: str | None = None  # set when the provider says the account is empty
         self._reserved_calls = 0
         self._inflight: dict[tuple[str, str, int, int], asyncio.Task[dict[str, Any]]] = {}
         # One request per 60/rpm seconds, no burst: providers enforce RPM over
@@ -97,7 +143,9 @@ class TeacherGateway:
         self._pause_until = 0.0  # after a 429 with Retry-After, hold back every request
         self._session: aiohttp.ClientSession | None = None
         self._counts = {"paid_calls": 0, "cache_hits": 0, "retries": 0, "throttled_429": 0,
-                        "errors": 0, "budget_refusals": 0}
+                        "errors": 0, "budget_refusals": 0, "resumed_jobs": 0, "refused": 0}
+        self._metrics = GatewayMetrics(self.name)
+        self._metrics.spend.set(self._spent, tags=self._metrics.tags)
 
     # -- public --------------------------------------------------------------
     async def render(self, prompt: str, seed: int) -> dict[str, Any]:
@@ -109,6 +157,7 @@ class TeacherGateway:
         if entry is not None:
             if self._store.has(entry["ref"]):
                 self._counts["cache_hits"] += 1
+                self._metrics.cache_hits.inc(1, tags=self._metrics.tags)
                 return self._result(entry, cached=True)
             log.warning("teacher %s: image %s for %r seed %d is in the ledger but not the store; "
                         "buying it again", self.name, entry["ref"], prompt, seed)
@@ -129,7 +178,8 @@ class TeacherGateway:
                 return await self.render(prompt, seed)
             except (BudgetExceeded, TeacherGatewayError) as exc:
                 return {"teacher": self.name, "prompt": prompt, "seed": int(seed),
-                        "error": str(exc), "error_type": type(exc).__name__}
+                        "error": str(exc), "error_type": type(exc).__name__,
+                        "kind": getattr(exc, "kind", "budget")}
         return list(await asyncio.gather(*(one(p, s) for p, s in items)))
 
     def idempotency_key(self, prompt: str, seed: int) -> str:
@@ -141,7 +191,8 @@ class TeacherGateway:
     def stats(self) -> dict[str, Any]:
         return {"teacher": self.name, "spent": self._spent, "budget": self.cfg.budget,
                 "reserved": self._reserved_calls * self.cfg.price_per_image,
-                "in_flight": len(self._inflight), **self._counts}
+                "in_flight": len(self._inflight), "open_jobs": len(self._jobs.entries("open")),
+                **self._counts}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -155,6 +206,20 @@ class TeacherGateway:
             task.exception()  # retrieved here, so an unawaited failure is not reported as lost
 
     async def _buy(self, prompt: str, seed: int) -> dict[str, Any]:
+        key = (self.name, prompt, seed, self.size)
+        earlier = self._jobs.get(*key)
+        if earlier is not None and earlier["state"] == "refused":
+            self._counts["refused"] += 1
+            raise TeacherGatewayError(self.name, prompt, seed, 0, earlier.get("status"),
+                                      f"refused earlier: {earlier.get('why', '')}", True, earlier["kind"])
+        if earlier is not None and earlier["state"] == "open":
+            # Paid before a restart, never collected: collect it now, free.
+            self._counts["resumed_jobs"] += 1
+            job = ImageJob.from_record(earlier["job"])
+            image = await self._collect(prompt, seed, job, earlier["price"], logged=True)
+            return self._keep(prompt, seed, image, earlier["price"], logged=True)
+        if self._no_credits:
+            raise TeacherGatewayError(self.name, prompt, seed, 0, None, self._no_credits, True, "credits")
         price = self.cfg.price_per_image
         reserved = self._reserved_calls * price
         if self._spent + reserved + price > self.cfg.budget + _EPS:
@@ -162,24 +227,24 @@ class TeacherGateway:
             raise BudgetExceeded(self.name, self._spent, self.cfg.budget, reserved)
         self._reserved_calls += 1  # no await between the check and the reservation
         try:
-            image = await self._call_with_retries(prompt, seed)
-            # Store first, then ledger: a ledger entry always points at a stored image.
-            ref = self._store.put(image.png)
-            entry = {"teacher": self.name, "prompt": prompt, "seed": seed, "size": self.size,
-                     "ref": ref, "price": price, "ts": time.time()}
-            if image.flaws:
-                entry["flaws"] = image.flaws
-            entry = self._ledger.record(entry)
-            self._spent += price
-            self._counts["paid_calls"] += 1
-            return entry
+            job = await self._submit_with_retries(prompt, seed)
+            # An image not in hand yet (a job to poll, a URL to fetch) is logged
+            # before collecting: a restart then collects it instead of paying again.
+            logged = job.images is None
+            if logged:
+                self._jobs.set(*key, "open", price, job=job.to_record())
+                self._spent += price
+            image = await self._collect(prompt, seed, job, price, logged)
+            return self._keep(prompt, seed, image, price, logged)
         finally:
             self._reserved_calls -= 1
 
-    async def _call_with_retries(self, prompt: str, seed: int) -> GeneratedImage:
+    async def _submit_with_retries(self, prompt: str, seed: int) -> ImageJob:
+        """The paid call, retried while retrying can help; a prompt refused for
+        good is recorded so it is never sent again."""
         attempts = 0
 
-        async def once() -> GeneratedImage:
+        async def once() -> ImageJob:
             nonlocal attempts
             attempts += 1
             return await self._attempt(prompt, seed)
@@ -191,26 +256,75 @@ class TeacherGateway:
             return await retrying(once)
         except TeacherHTTPError as exc:
             self._counts["errors"] += 1
+            kind = _kind(exc)
+            if kind in _PROMPT_REFUSALS:
+                self._jobs.set(self.name, prompt, seed, self.size, "refused", 0.0, kind=kind,
+                               status=exc.status, why=str(exc)[:500])
+            elif kind == "credits":
+                self._no_credits = str(exc)[:500]
             raise TeacherGatewayError(self.name, prompt, seed, attempts, exc.status, str(exc),
-                                      permanent=not exc.retryable) from None
+                                      permanent=not exc.retryable, kind=kind) from None
 
-    async def _attempt(self, prompt: str, seed: int) -> GeneratedImage:
+    async def _collect(self, prompt: str, seed: int, job: ImageJob, price: float, logged: bool) -> GeneratedImage:
+        """Poll, download and check a paid job (free, repeatable). A job that can
+        still finish stays open for the next call; one that cannot is recorded as
+        money spent for nothing."""
+        try:
+            images = await self._provider.collect(self._client(), job, self.size)
+        except ProviderError as exc:
+            self._counts["errors"] += 1
+            if not exc.retryable:
+                # A moderated job is a refusal of the prompt (never sent again); any
+                # other dead job may be bought again later. Either way it was billed.
+                state = "refused" if exc.kind in _PROMPT_REFUSALS else "failed"
+                self._jobs.set(self.name, prompt, seed, self.size, state, price, kind=exc.kind,
+                               status=exc.status, why=str(exc)[:500], job=job.to_record())
+                if not logged:
+                    self._spent += price  # the inline image was billed, and it is unusable
+            raise TeacherGatewayError(self.name, prompt, seed, 1, exc.status, str(exc),
+                                      permanent=not exc.retryable, kind=exc.kind) from None
+        return images[0]
+
+    def _keep(self, prompt: str, seed: int, image: GeneratedImage, price: float, logged: bool) -> dict[str, Any]:
+        # Store first, then ledger: a ledger entry always points at a stored image.
+        png, native = _to_size(image.png, self.size)
+        ref = self._store.put(png)
+        entry = {"teacher": self.name, "prompt": prompt, "seed": seed, "size": self.size,
+                 "ref": ref, "price": price, "ts": time.time()}
+        if image.flaws:
+            entry["flaws"] = image.flaws
+        if native != self.size:
+            entry["native_size"] = native
+        entry = self._ledger.record(entry)
+        if logged:
+            self._jobs.set(self.name, prompt, seed, self.size, "closed", 0.0)
+        else:
+            self._spent += price
+        self._counts["paid_calls"] += 1
+        self._metrics.bought.inc(1, tags=self._metrics.tags)
+        self._metrics.spend.set(self._spent, tags=self._metrics.tags)
+        return entry
+
+    async def _attempt(self, prompt: str, seed: int) -> ImageJob:
         async with self._slots:
             loop = asyncio.get_running_loop()
             while (delay := self._pause_until - loop.time()) > 0:
                 await asyncio.sleep(delay)
             await self._limiter.acquire()
+            t0 = time.perf_counter()
             try:
-                images = await generate_images(self._client(), self.base_url, self.model, prompt, seed,
-                                               self.size, self._api_key, self.timeout_s,
-                                               idempotency_key=self.idempotency_key(prompt, seed))
+                job = await self._provider.submit(self._client(), prompt, seed, self.size,
+                                                  idempotency_key=self.idempotency_key(prompt, seed))
             except TeacherHTTPError as exc:
-                if exc.status == 429:
+                self._metrics.call(time.perf_counter() - t0, "retryable" if exc.retryable else "permanent")
+                if exc.status == 429 and exc.retryable:
                     self._counts["throttled_429"] += 1
+                    self._metrics.throttled.inc(1, tags=self._metrics.tags)
                     if exc.retry_after:
                         self._pause_until = max(self._pause_until, loop.time() + exc.retry_after)
                 raise
-            return images[0]
+            self._metrics.call(time.perf_counter() - t0, "ok")
+            return job
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -221,6 +335,7 @@ class TeacherGateway:
 
     def _before_retry(self, state: RetryCallState) -> None:
         self._counts["retries"] += 1
+        self._metrics.retries.inc(1, tags=self._metrics.tags)
         exc = state.outcome.exception() if state.outcome else None
         sleep = state.next_action.sleep if state.next_action else 0.0
         log.info("teacher %s: attempt %d failed (%s); retrying in %.2fs",
@@ -238,6 +353,23 @@ class TeacherGateway:
         out["flaws"] = list(entry.get("flaws", []))
         out["cached"] = cached
         return out
+
+
+def _to_size(png: bytes, size: int) -> tuple[bytes, int]:
+    """A teacher image as the run's size x size PNG (providers that pick their
+    own resolution send ~1024 px): centre-cropped to a square, then downscaled.
+    Returns the PNG and the side it came in at."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        w, h = im.size
+        if (w, h) == (size, size):
+            return png, size
+        side = min(w, h)
+        im = im.convert("RGB").crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+        buf = io.BytesIO()
+        im.resize((size, size), Image.Resampling.LANCZOS).save(buf, format="PNG")
+    return buf.getvalue(), max(w, h)
 
 
 # The actor runs every render on one event loop; many may wait on the limiter at once.

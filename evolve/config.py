@@ -49,12 +49,20 @@ class TeacherConfig(_Strict):
     """One teacher: who it is, what it costs, how fast and how often it may be called."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    kind: Literal["embedded", "openai"] = "embedded"
-    # For kind=openai: the provider's base URL and model; the key comes from the
-    # environment variable named here, never from a file.
+    # embedded: a shapes-world teacher served here. openai: any OpenAI-Images API
+    # (OpenAI itself, a self-hosted open model, an Edgen endpoint). bfl, fal,
+    # replicate, stability, ideogram: those providers' own APIs (actors/providers.py).
+    kind: Literal["embedded", "openai", "bfl", "fal", "replicate", "stability", "ideogram"] = "embedded"
+    # For a provider: its base URL (None: the provider's public API) and model;
+    # the key comes from the environment variable named here, never from a file.
     base_url: str | None = None
     model: str | None = None
     api_key_env: str | None = None
+    provider_options: dict = Field(default_factory=dict, description="provider-specific request fields "
+                                   "(e.g. openai: {'size': '1024x1024'}; replicate: {'version': ...})")
+    poll_interval_s: float = Field(1.0, gt=0, description="submit-and-poll providers: seconds between polls")
+    max_poll_s: float = Field(600.0, gt=0, description="give up collecting a job after this long")
+    timeout_s: float = Field(60.0, gt=0, description="one HTTP call")
     price_per_image: float = Field(0.01, ge=0)
     latency_s: float = Field(0.02, ge=0, description="embedded server: seconds per image")
     rpm: float = Field(6000, gt=0, description="client-side requests per minute")
@@ -68,9 +76,9 @@ class TeacherConfig(_Strict):
     flaws: FlawProfile = FlawProfile()
 
     @model_validator(mode="after")
-    def _remote_needs_url(self) -> "TeacherConfig":
-        if self.kind == "openai" and not (self.base_url and self.model):
-            raise ValueError(f"teacher {self.name!r}: kind 'openai' needs base_url and model")
+    def _remote_needs_model(self) -> "TeacherConfig":
+        if self.kind != "embedded" and not self.model:
+            raise ValueError(f"teacher {self.name!r}: kind {self.kind!r} needs a model")
         return self
 
 

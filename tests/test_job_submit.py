@@ -30,10 +30,10 @@ def ray_head(tmp_path):
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
+    dash, metrics = free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
            f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--metrics-export-port={free_port()}", "--disable-usage-stats",
+           f"--metrics-export-port={metrics}", "--disable-usage-stats",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
     # --block keeps the head in one process group that we stop ourselves:
     # `ray stop` would also kill the test session's shared Ray instance.
@@ -51,7 +51,7 @@ def ray_head(tmp_path):
                 if head.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"ray head did not start: {(tmp_path / 'ray_head.log').read_text()[-2000:]}")
                 time.sleep(1)
-        yield env, address
+        yield env, address, f"http://127.0.0.1:{metrics}/metrics"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -63,7 +63,7 @@ def ray_head(tmp_path):
 
 @pytest.mark.integration
 def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
-    env, address = ray_head
+    env, address, metrics_url = ray_head
     run_dir = tmp_path / "run"
     # The "rounds" schedule here (one fit() per round); the other end-to-end
     # tests run the default "continuous" one.
@@ -85,3 +85,7 @@ def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "evolve-test"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert "succeeded" in (status.stdout + status.stderr).lower()
+    # The gateways' custom metrics reached Ray's Prometheus endpoint (the dashboard's source).
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    bought = [ln for ln in text.splitlines() if ln.startswith("ray_evolve_teacher_images_bought")]
+    assert any('teacher="aurora"' in ln for ln in bought), text[-2000:]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.openai_images import GeneratedImage, TeacherHTTPError
+from actors.teacher_http import GeneratedImage, TeacherHTTPError
 from actors.providers import (PROVIDER_KINDS, ImageJob, ImageProvider, ProviderError, _error_text,
                               make_provider, validate_image)
 from evolve.shapes import render, to_png

@@ -16,7 +16,8 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from actors.openai_images import TeacherHTTPError, generate_images
+from actors.teacher_http import TeacherHTTPError
+from actors.providers import make_provider
 from actors.teacher_gateway import BudgetExceeded, TeacherGateway, TeacherGatewayError, start_gateway
 from evolve.config import TeacherConfig
 from evolve.ledger import Ledger
@@ -118,13 +119,14 @@ def test_server_and_client_auth_never_leak_the_key():
             assert (await post(url, req()))[0] == 401
             async with aiohttp.ClientSession() as s:
                 with pytest.raises(TeacherHTTPError) as info:
-                    await generate_images(s, url, "tutor", GOOD, 0, 32, "sk-wrong-key-123", 5.0)
+                    await make_provider("openai", url, "tutor", "sk-wrong-key-123").generate(s, GOOD, 0, 32)
             err = info.value
             assert err.status == 401 and not err.retryable
             assert "sk-wrong-key-123" not in str(err) + repr(err)
             async with aiohttp.ClientSession() as s:  # nothing listens there: retryable
                 with pytest.raises(TeacherHTTPError) as info:
-                    await generate_images(s, "http://127.0.0.1:9/v1", "tutor", GOOD, 0, 32, "sk-x", 2.0)
+                    await make_provider("openai", "http://127.0.0.1:9/v1", "tutor", "sk-x",
+                                        timeout_s=2.0).generate(s, GOOD, 0, 32)
             assert info.value.status is None and info.value.retryable
     asyncio.run(main())
 
@@ -321,3 +323,103 @@ def test_gateway_and_teacher_host_as_ray_actors(ray_local, tmp_path):
     finally:
         ray.get(host.stop.remote())
         ray.kill(host)
+
+
+# -- the gateway over every provider's protocol ----------------------------------------------------
+
+PROVIDER_MODELS = {"bfl": "flux-pro-1.1", "fal": "fal-ai/flux/dev", "replicate": "black-forest-labs/flux-schnell",
+                   "stability": "core", "ideogram": "V_3", "openai": "teacher-x"}
+
+
+@contextlib.asynccontextmanager
+async def provider_rig(kind: str, tmp_path, monkeypatch, **knobs: Any):
+    from serve.provider_sims import ProviderSim
+
+    knobs = {"job_s": 0.05, "native_side": 64, **knobs}
+    sim = ProviderSim(kind, api_key="sk-provider-secret", **knobs)
+    base = await sim.start()
+    monkeypatch.setenv("PROVIDER_KEY", "sk-provider-secret")
+    cfg = teacher("pro", kind=kind, model=PROVIDER_MODELS[kind], api_key_env="PROVIDER_KEY",
+                  poll_interval_s=0.01, max_poll_s=5)
+    try:
+        yield sim, cfg, (lambda: gateway(cfg, base, tmp_path))
+    finally:
+        await sim.stop()
+
+
+@pytest.mark.parametrize("kind", sorted(PROVIDER_MODELS))
+def test_gateway_buys_from_every_provider(kind, tmp_path, monkeypatch):
+    async def main() -> None:
+        async with provider_rig(kind, tmp_path, monkeypatch) as (sim, cfg, make):
+            gw = make()
+            out = await gw.render_many([(GOOD, 1), (GOOD, 2), (GOOD, 1)])
+            await gw.close()
+            assert [o.get("error") for o in out] == [None] * 3, out
+            png = ImageStore(tmp_path / "images").get(out[0]["ref"])
+            assert from_png(png, 32).shape == (32, 32, 3)  # aspect-ratio providers' 64 px, scaled to 32
+            entries = Ledger(tmp_path / "ledger.jsonl").entries()
+            assert len(entries) == 2 and sim.stats()["charged"] == 2
+            if kind in ("stability", "ideogram", "replicate"):
+                assert entries[0]["native_size"] == 64
+            assert gw.stats()["spent"] == pytest.approx(2 * cfg.price_per_image)
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["bfl", "fal", "replicate"])
+def test_gateway_killed_after_submit_collects_after_restart(kind, tmp_path, monkeypatch):
+    """A job paid for, then the gateway dies while polling: the restarted gateway
+    collects that job (free) instead of submitting again."""
+    async def main() -> None:
+        # (Replicate holds the create call up to `Prefer: wait`; cut short so the job is polled.)
+        async with provider_rig(kind, tmp_path, monkeypatch, job_s=0.5, sync_wait_cap_s=0.05) as (sim, cfg, make):
+            gw = make()
+            doomed = asyncio.ensure_future(gw.render(GOOD, 5))
+            for _ in range(200):  # until the job is submitted and logged as open
+                await asyncio.sleep(0.01)
+                if gw.stats()["open_jobs"]:
+                    break
+            assert gw.stats()["open_jobs"] == 1
+            for task in [doomed, *gw._inflight.values()]:
+                task.cancel()
+            await gw.close()
+            assert Ledger(tmp_path / "ledger.jsonl").entries() == []
+
+            again = make()
+            assert again.stats()["spent"] == pytest.approx(cfg.price_per_image)  # the open job is money spent
+            out = await again.render(GOOD, 5)
+            await again.close()
+            assert again.stats()["resumed_jobs"] == 1 and again.stats()["open_jobs"] == 0
+            assert sim.counts(GOOD, 5)["charged"] == 1
+            assert len(Ledger(tmp_path / "ledger.jsonl").entries()) == 1 and out["ref"]
+            assert again.stats()["spent"] == pytest.approx(cfg.price_per_image)  # counted once
+    asyncio.run(main())
+
+
+def test_gateway_typed_outcomes(tmp_path, monkeypatch):
+    async def main() -> None:
+        async with provider_rig("bfl", tmp_path, monkeypatch, moderate="triangle") as (sim, cfg, make):
+            gw = make()
+            out = (await gw.render_many([("a triangle", 0)]))[0]
+            assert out["kind"] == "content_policy" and out["error_type"] == "TeacherGatewayError", out
+            asked = sim.stats()["requests"]
+            again = make()  # even after a restart, a refused prompt is not sent again
+            out = (await again.render_many([("a triangle", 0)]))[0]
+            assert out["kind"] == "content_policy" and "refused earlier" in out["error"]
+            assert sim.stats()["requests"] == asked and again.stats()["refused"] == 1
+            await gw.close()
+            await again.close()
+        async with provider_rig("fal", tmp_path / "b", monkeypatch, placeholder=True) as (sim, cfg, make):
+            gw = make()
+            out = (await gw.render_many([(GOOD, 0)]))[0]
+            assert out["kind"] == "safety_placeholder"
+            assert gw.stats()["spent"] == pytest.approx(cfg.price_per_image)  # billed, unusable: still spent
+            await gw.close()
+        async with provider_rig("stability", tmp_path / "c", monkeypatch, no_credits=True) as (sim, cfg, make):
+            gw = make()
+            first, second = await gw.render_many([(GOOD, 0), (GOOD, 1)])
+            assert first["kind"] == second["kind"] == "credits"
+            assert sim.stats()["requests"] <= 2
+            assert (await gw.render_many([(GOOD, 2)]))[0]["kind"] == "credits"  # not sent: the account is empty
+            assert sim.stats()["requests"] <= 2
+            await gw.close()
+    asyncio.run(main())
