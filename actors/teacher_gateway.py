@@ -194,6 +194,10 @@ class TeacherGateway:
                 "in_flight": len(self._inflight), "open_jobs": len(self._jobs.entries("open")),
                 **self._counts}
 
+    def pid(self) -> int:
+        """The process this gateway runs in (operators and the kill test signal it)."""
+        return os.getpid()
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -366,6 +366,8 @@ class RunConfig(_Strict):
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     evolution: EvolutionConfig = EvolutionConfig()
+    budget: float | None = Field(None, ge=0, description="most the run may pay all teachers together "
+                                 "(each teacher also keeps its own `budget`); None = no total cap")
     serve_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port, bound on 127.0.0.1")
     serve_edgen: bool = Field(False, description="serve the student at /edgen/v1 during the run, "
                               "switching to each new round's checkpoint")

@@ -330,9 +330,23 @@ class EvolveRun:
         in `verdicts/<tag>.json`; written whole, so a resumed round rewrites it."""
         write_json_atomic(self.folder.verdicts / f"{tag}.json", entries)
 
+    def affordable(self, svc: Services, cands: list[evolution.NewPrompt]) -> list[evolution.NewPrompt]:
+        """The first candidates the run's total budget still pays for (every teacher
+        renders every new prompt); each teacher's own budget is kept by its gateway."""
+        if self.cfg.budget is None or not cands:
+            return cands
+        spent = sum(s["spent"] for s in svc.teacher_stats().values())
+        per_prompt = sum(t.price_per_image for t in self.cfg.teachers)
+        n = len(cands) if per_prompt <= 0 else max(0, int((self.cfg.budget - spent + 1e-9) // per_prompt))
+        if n < len(cands):
+            self.say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent, "
+                     f"{n} of {len(cands)} new prompts bought")
+        return cands[:n]
+
     def acquire(self, svc: Services, cands: list[evolution.NewPrompt], rnd: int) -> list[Record]:
         """Teachers render new prompts; the judge picks each prompt's best image
         (no student image is needed for that)."""
+        cands = self.affordable(svc, cands)
         if not cands:
             return []
         seeds = [stable_seed(self.cfg.seed, c.prompt, rnd) for c in cands]

@@ -87,7 +87,9 @@ class SimKnobs:
     sync_wait_cap_s: float = 60.0        # Replicate: longest a `Prefer: wait` request is held
     echo_key: bool = True                # put the presented key in auth errors (OpenAI echoes a masked one),
                                          # so tests prove clients scrub it
-    seed: int = 0                        # rng for error_rate / fail_job_rate
+    stall_rate: float = 0.0              # openai: share of billed answers held back stall_s (client timeouts)
+    stall_s: float = 30.0
+    seed: int = 0                        # rng for error_rate / fail_job_rate / stall_rate
 
 
 def draw_image(prompt: str, seed: int, side: int) -> bytes:
@@ -429,8 +431,13 @@ class OpenAISim(_Sim):
         if self.k.fail_job_rate and self.rng.random() < self.k.fail_job_rate:
             return self.error(500, "The server had an error while processing your request. Sorry about that!")
         idem = request.headers.get("Idempotency-Key")
+        # A stalled answer: drawn and billed, but the client gives up waiting (a timeout).
+        stall = self.k.stall_rate and self.rng.random() < self.k.stall_rate
         if not idem:
-            return web.json_response(await self._draw(key, prompt, seed, n, int(w), fmt))
+            body = await self._draw(key, prompt, seed, n, int(w), fmt)
+            if stall:
+                await asyncio.sleep(self.k.stall_s)
+            return web.json_response(body)
         asked = (model, prompt, seed, n, w, fmt)
         seen = self.idempotent.get(idem)
         if seen is not None:  # the same purchase again (a client restarted): the billed answer, free
@@ -442,7 +449,10 @@ class OpenAISim(_Sim):
         done = asyncio.ensure_future(self._draw(key, prompt, seed, n, int(w), fmt))
         self.idempotent[idem] = (asked, done)
         # Drawn to the end even if this client disconnects: it is billed either way.
-        return web.json_response(await asyncio.shield(done))
+        body = await asyncio.shield(done)
+        if stall:
+            await asyncio.sleep(self.k.stall_s)
+        return web.json_response(body)
 
     async def _draw(self, key: Key, prompt: str, seed: int, n: int, side: int, fmt: str) -> dict[str, Any]:
         await asyncio.sleep(self.k.job_s)

@@ -161,3 +161,24 @@ def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
     entries = Ledger(run / "ledger.jsonl").entries()
     keys = [(e["teacher"], e["prompt"], e["seed"], e["size"]) for e in entries]
     assert len(keys) == len(set(keys)) and result["report"]["total_images_bought"] == len(entries)
+
+
+def test_total_budget_trims_new_prompts(tmp_path):
+    from evolve.driver import EvolveRun
+    from evolve.evolution import NewPrompt
+
+    class Spent:  # what the gateways report
+        def __init__(self, spent):
+            self.spent = spent
+
+        def teacher_stats(self):
+            return {t: {"spent": s} for t, s in self.spent.items()}
+
+    said = []
+    cfg = RunConfig(run_dir=tmp_path / "run", budget=1.0)  # three teachers: $0.09 per new prompt
+    run = EvolveRun(cfg, progress=said.append)
+    cands = [NewPrompt(f"p{i}", "expand") for i in range(10)]
+    assert run.affordable(Spent({"aurora": 0.2, "brush": 0.1, "canvas": 0.25}), cands) == cands[:5]
+    assert "5 of 10 new prompts" in said[-1]
+    assert run.affordable(Spent({"aurora": 1.0}), cands) == []
+    assert EvolveRun(cfg.model_copy(update={"budget": None})).affordable(Spent({"aurora": 99}), cands) == cands
