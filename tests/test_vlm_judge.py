@@ -316,7 +316,7 @@ def test_judge_eval_measures_a_biased_vlm(server):
 
 
 
-@pytest.mark.parametrize("name", ["judge-vllm.yaml", "judge-remote.yaml"])
+@pytest.mark.parametrize("name", ["judge-vllm.yaml", "judge-remote.yaml", "all-open.yaml"])
 def test_example_judge_configs_load(name):
     from pathlib import Path
 
