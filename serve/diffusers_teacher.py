@@ -62,20 +62,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from evolve.config import _Strict
-from serve.edgen import ApiError, Edgen, ImagesRequest, _first_error
+from serve.edgen import ApiError, Edgen, ImagesRequest, parse_images_request
 
 app = FastAPI(title="Diffusers teacher", docs_url=None, redoc_url=None)
 log = logging.getLogger("ray.serve")
 
 # Edgen's request checks that fit any server are borrowed as they are: they
 # only read `self.cfg.api_key_env` / `self.cfg.max_body_bytes`, which this
-# config has too. Edgen's `_parse` and `_sampling` do not fit: they allow the
-# student's one size, check prompts against the shapes grammar and ask for a
-# guidance of at least 1 (FLUX-schnell and other distilled pipelines run at 0).
+# config has too, and the body checks are `parse_images_request`. Edgen's size,
+# grammar and sampling checks do not fit: they allow the student's one size,
+# the shapes grammar and a guidance of at least 1 (FLUX-schnell and other
+# distilled pipelines run at 0).
 _EdgenImpl = Edgen.func_or_class
 
 # Keys this server sets on every pipeline call: `extra_call_kwargs` may not override them.
@@ -275,30 +276,7 @@ class DiffusersTeacher:
     _seeds = staticmethod(_EdgenImpl._seeds)
 
     def _parse(self, body: bytes) -> ImagesRequest:
-        import json
-
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        try:
-            req = ImagesRequest.model_validate(data)
-        except ValidationError as e:
-            raise _first_error(e) from None
-        cfg = self.cfg
-        prompt = req.prompt.strip()
-        if not prompt:
-            raise ApiError(400, "prompt is empty", "prompt")
-        if len(prompt) > cfg.max_prompt_chars:
-            raise ApiError(400, f"prompt is {len(prompt)} characters, over {cfg.max_prompt_chars}", "prompt")
-        if req.model not in (None, cfg.model_name):
-            raise ApiError(404, f"model {req.model!r} is not served here (this is {cfg.model_name!r})",
-                           "model", "model_not_found")
-        if not 1 <= req.n <= cfg.max_n:
-            raise ApiError(400, f"n must be 1 to {cfg.max_n}, not {req.n}", "n")
-        return req.model_copy(update={"prompt": prompt})
+        return parse_images_request(body, self.cfg.model_name, self.cfg.max_n, self.cfg.max_prompt_chars)
 
     def _settings(self, req: ImagesRequest) -> tuple[int, int, float]:
         """(size, steps, guidance) of a parsed request, defaults filled in and limits checked."""

@@ -87,6 +87,33 @@ def _first_error(e: ValidationError) -> ApiError:
     return ApiError(400, f"{param}: {err['msg']}", param, "invalid_value")
 
 
+def parse_images_request(body: bytes, model_name: str, max_n: int, max_prompt_chars: int) -> ImagesRequest:
+    """An OpenAI Images request body, checked as every server here checks it: JSON
+    object, known fields, a non-empty prompt within `max_prompt_chars` (stripped),
+    the served model (or none named), 1 <= n <= max_n. Errors are `ApiError`s."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        req = ImagesRequest.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e) from None
+    prompt = req.prompt.strip()
+    if not prompt:
+        raise ApiError(400, "prompt is empty", "prompt")
+    if len(prompt) > max_prompt_chars:
+        raise ApiError(400, f"prompt is {len(prompt)} characters, over {max_prompt_chars}", "prompt")
+    if req.model not in (None, model_name):
+        raise ApiError(404, f"model {req.model!r} is not served here (this is {model_name!r})",
+                       "model", "model_not_found")
+    if not 1 <= req.n <= max_n:
+        raise ApiError(400, f"n must be 1 to {max_n}, not {req.n}", "n")
+    return req.model_copy(update={"prompt": prompt})
+
+
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
     from evolve.driver import BASE_CHECKPOINT
 
@@ -208,27 +235,9 @@ class Edgen:
         return body
 
     def _parse(self, body: bytes) -> ImagesRequest:
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        try:
-            req = ImagesRequest.model_validate(data)
-        except ValidationError as e:
-            raise _first_error(e) from None
         cfg = self.cfg
-        prompt = req.prompt.strip()
-        if not prompt:
-            raise ApiError(400, "prompt is empty", "prompt")
-        if len(prompt) > cfg.max_prompt_chars:
-            raise ApiError(400, f"prompt is {len(prompt)} characters, over {cfg.max_prompt_chars}", "prompt")
-        if req.model not in (None, cfg.model_name):
-            raise ApiError(404, f"model {req.model!r} is not served here (this is {cfg.model_name!r})",
-                           "model", "model_not_found")
-        if not 1 <= req.n <= cfg.max_n:
-            raise ApiError(400, f"n must be 1 to {cfg.max_n}, not {req.n}", "n")
+        req = parse_images_request(body, cfg.model_name, cfg.max_n, cfg.max_prompt_chars)
+        prompt = req.prompt
         sizes = [f"{self.size}x{self.size}"]
         if req.size not in (None, *sizes):
             raise ApiError(400, f"size {req.size!r} is not served; sizes: {sizes}", "size")

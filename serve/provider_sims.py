@@ -41,7 +41,6 @@ import io
 import json
 import math
 import random
-import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -56,6 +55,7 @@ from PIL import Image
 
 from evolve.shapes.grammar import PromptError, parse
 from evolve.shapes.render import render, to_png
+from serve.server_thread import ServerThread
 
 Key = tuple[str, int]
 
@@ -996,53 +996,25 @@ class ProviderSim:
         await self.stop()
 
 
-class ProviderSimThread:
+class ProviderSimThread(ServerThread):
     """`ProviderSim` on a background thread's event loop, for synchronous callers.
 
         with ProviderSimThread("bfl", api_key="k") as base_url: ...
     """
 
     def __init__(self, kind: str, **knobs: Any) -> None:
+        super().__init__()
         self.sim = ProviderSim(kind, **knobs)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self.thread_name = f"sim-{kind}"
 
-    def start(self, timeout_s: float = 30.0) -> str:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"sim-{self.sim.kind}", daemon=True)
-        self._thread.start()
-        try:
-            return asyncio.run_coroutine_threadsafe(self.sim.start(), self._loop).result(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+    async def _start(self) -> str:
+        return await self.sim.start()
+
+    async def _stop(self) -> None:
+        await self.sim.stop()
 
     def stats(self) -> dict[str, Any]:
-        return self._call(self.sim.stats)
+        return self.read(self.sim.stats)
 
     def counts(self, prompt: str, seed: int) -> dict[str, int]:
-        return self._call(lambda: self.sim.counts(prompt, seed))
-
-    def _call(self, fn: Any) -> Any:
-        assert self._loop is not None, "not started"
-
-        async def read() -> Any:  # read on the server's loop: no torn counters
-            return fn()
-        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self.sim.stop(), loop).result(timeout_s)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout_s)
-            loop.close()
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.read(lambda: self.sim.counts(prompt, seed))

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import socket
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
@@ -47,6 +46,7 @@ from aiohttp import web
 from evolve.config import TeacherConfig
 from evolve.shapes.grammar import PromptError, parse
 from evolve.shapes.render import teacher_render, to_png
+from serve.server_thread import ServerThread
 
 log = logging.getLogger(__name__)
 
@@ -302,55 +302,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class TeacherServersThread:
+class TeacherServersThread(ServerThread):
     """`TeacherServers` on a background thread's event loop, for synchronous callers.
 
         with TeacherServersThread(cfgs, 32) as urls: ...
     """
 
+    thread_name = "teacher-servers"
+
     def __init__(self, configs: Iterable[TeacherConfig | Mapping[str, Any]], size: int, **start_kw: Any) -> None:
+        super().__init__()
         self._args = (list(configs), size)
         self._kw = start_kw
         self._servers = TeacherServers()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self, timeout_s: float = 30.0) -> dict[str, str]:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-servers", daemon=True)
-        self._thread.start()
-        coro = self._servers.start(*self._args, **self._kw)
-        try:
-            return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+    async def _start(self) -> dict[str, str]:
+        return await self._servers.start(*self._args, **self._kw)
+
+    async def _stop(self) -> None:
+        await self._servers.stop()
 
     def urls(self) -> dict[str, str]:
         return self._servers.urls()
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        assert self._loop is not None, "not started"
-        async def read() -> dict[str, dict[str, Any]]:
-            return self._servers.stats()
-        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._servers.stop(), loop).result(timeout_s)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout_s)
-            loop.close()
-
-    def __enter__(self) -> dict[str, str]:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.read(self._servers.stats)
 
 
 class TeacherHost:

@@ -434,29 +434,36 @@ def test_gateway_actor_killed_mid_batch_pays_nothing_twice(ray_local, tmp_path):
 
     import ray
 
-    cfg = teacher("tutor", latency_s=0.3, max_in_flight=4)
+    cfg = teacher("killed", latency_s=0.3, max_in_flight=4)
     todo = [(GOOD, s) for s in range(12)]
     servers = TeacherServersThread([cfg], 32)
     urls = servers.start()
     servers_stats = servers.stats
     try:
-        args = (cfg, urls["tutor"], str(tmp_path / "images"), str(tmp_path / "ledger.jsonl"), 32)
+        args = (cfg, urls["killed"], str(tmp_path / "images"), str(tmp_path / "ledger.jsonl"), 32)
         gw = start_gateway(*args)
         pid = ray.get(gw.pid.remote())
         pending = gw.render_many.remote(todo)
         deadline = time.time() + 20
-        while servers_stats()["tutor"]["images"] < 5 and time.time() < deadline:
+        while servers_stats()["killed"]["images"] < 5 and time.time() < deadline:
             time.sleep(0.02)   # some bought, four more at the teacher right now
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(pending, timeout=30)
         bought_before = len(Ledger(tmp_path / "ledger.jsonl").entries())
         assert 0 < bought_before < len(todo)
+        del gw, pending  # Ray frees a dead actor's name once no handle to it is left
+        while time.time() < deadline + 30:
+            try:
+                ray.get_actor("teacher:killed")
+                time.sleep(0.1)
+            except ValueError:
+                break
 
         again = start_gateway(*args)
         out = ray.get(again.render_many.remote(todo), timeout=60)
         assert all("ref" in o for o in out), out
-        st = servers_stats()["tutor"]
+        st = servers_stats()["killed"]
         entries = Ledger(tmp_path / "ledger.jsonl").entries()
         assert len(entries) == len({(e["prompt"], e["seed"]) for e in entries}) == len(todo)
         assert st["images"] == len(todo)  # billed once per image, the in-flight ones included
