@@ -345,6 +345,13 @@ class EdgenServeConfig(_Strict):
 
 
 class EvolutionConfig(_Strict):
+    strategy: Literal["evolve", "random"] = Field(
+        "evolve", description="evolve: EvolveDirector; random: the paper's baseline: the seed set is "
+        "prompts sampled uniformly from the grammar, one teacher image each, no judge, never changed")
+    delete: bool = Field(True, description="ablation switch: drop prompts the student already matches")
+    select: Literal["judge", "random"] = Field(
+        "judge", description="a new prompt trains on the judge's best teacher image, or (ablation) "
+        "on a teacher's image picked at random")
     expand_k: int = Field(3, ge=0, description="variants per prompt where the teacher wins")
     mutate_prob: float = Field(0.2, ge=0, le=1, description="chance per round of mutation")
     mutate_n: int = Field(4, ge=0, description="new prompts per mutation")
@@ -366,6 +373,8 @@ class RunConfig(_Strict):
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     evolution: EvolutionConfig = EvolutionConfig()
+    max_images: int | None = Field(None, ge=1, description="most training images the run may buy, every "
+                                   "teacher's image of a prompt counted (the science benchmarks' budget)")
     budget: float | None = Field(None, ge=0, description="most the run may pay all teachers together "
                                  "(each teacher also keeps its own `budget`); None = no total cap")
     serve_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port, bound on 127.0.0.1")

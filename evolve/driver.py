@@ -25,7 +25,7 @@ import numpy as np
 
 from evolve import evolution
 from evolve.config import RunConfig, StudentConfig
-from evolve.dataset import DatasetVersions, Record, atomic_dir, write_json_atomic
+from evolve.dataset import DatasetVersions, Record, atomic_dir, record_id, write_json_atomic
 from evolve.judging import (DiscriminateRequest, DiscriminateVerdict, ExpandRequest, MutateRequest,
                             TeacherImage)
 from evolve.shapes.grammar import parse, sample_prompt
@@ -133,6 +133,12 @@ class Services:
 
         refs = {n: g.render_many.remote(items) for n, g in self.gateways.items()}
         return {n: ray.get(r) for n, r in refs.items()}
+
+    def buy_from(self, teacher: str, items: list[tuple[str, int]]) -> list[dict]:
+        """One teacher renders the items (the random-sampling baseline buys this way)."""
+        import ray
+
+        return ray.get(self.gateways[teacher].render_many.remote(items)) if items else []
 
     def discriminate(self, reqs: list[DiscriminateRequest]) -> list[DiscriminateVerdict]:
         responses = [self.judge.discriminate.remote(r) for r in reqs]  # batched by Serve
@@ -330,22 +336,60 @@ class EvolveRun:
         in `verdicts/<tag>.json`; written whole, so a resumed round rewrites it."""
         write_json_atomic(self.folder.verdicts / f"{tag}.json", entries)
 
-    def affordable(self, svc: Services, cands: list[evolution.NewPrompt]) -> list[evolution.NewPrompt]:
-        """The first candidates the run's total budget still pays for (every teacher
-        renders every new prompt); each teacher's own budget is kept by its gateway."""
-        if self.cfg.budget is None or not cands:
+    def affordable(self, svc: Services, cands: list[evolution.NewPrompt],
+                   images_per_prompt: int | None = None) -> list[evolution.NewPrompt]:
+        """The first candidates the run's caps still pay for: the total budget
+        (`budget`, dollars) and the training images (`max_images`; every teacher
+        renders every new prompt unless `images_per_prompt` says otherwise).
+        Each teacher's own budget is kept by its gateway."""
+        n = len(cands)
+        if not cands:
             return cands
-        spent = sum(s["spent"] for s in svc.teacher_stats().values())
-        per_prompt = sum(t.price_per_image for t in self.cfg.teachers)
-        n = len(cands) if per_prompt <= 0 else max(0, int((self.cfg.budget - spent + 1e-9) // per_prompt))
-        if n < len(cands):
-            self.say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent, "
-                     f"{n} of {len(cands)} new prompts bought")
+        if self.cfg.budget is not None:
+            spent = sum(s["spent"] for s in svc.teacher_stats().values())
+            per_prompt = sum(t.price_per_image for t in self.cfg.teachers)
+            if per_prompt > 0:
+                n = min(n, max(0, int((self.cfg.budget - spent + 1e-9) // per_prompt)))
+            if n < len(cands):
+                self.say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent, "
+                         f"{n} of {len(cands)} new prompts bought")
+        if self.cfg.max_images is not None:
+            from evolve.ledger import Ledger
+
+            bought = len(Ledger(self.folder.ledger))  # every image paid for, across restarts
+            per = images_per_prompt or len(self.cfg.teachers)
+            left = max(0, (self.cfg.max_images - bought) // per)
+            if left < n:
+                self.say(f"image budget {self.cfg.max_images}: {bought} bought, {left} of {len(cands)} "
+                         f"new prompts bought")
+                n = left
         return cands[:n]
+
+    def acquire_random(self, svc: Services, cands: list[evolution.NewPrompt], rnd: int) -> list[Record]:
+        """The random-sampling baseline: each prompt bought from one teacher (in
+        turn), no judge, so every image bought is a training image."""
+        cands = self.affordable(svc, cands, images_per_prompt=1)
+        names = [t.name for t in self.cfg.teachers]
+        seeds = [stable_seed(self.cfg.seed, c.prompt, rnd) for c in cands]
+        mine = {t: [i for i in range(len(cands)) if i % len(names) == k] for k, t in enumerate(names)}
+        got = {t: svc.buy_from(t, [(cands[i].prompt, seeds[i]) for i in idx]) for t, idx in mine.items()}
+        out = []
+        for t, idx in mine.items():
+            for i, res in zip(idx, got[t]):
+                if "ref" not in res:
+                    log.warning("teacher %s did not deliver %r: %s", t, cands[i].prompt, res.get("error"))
+                    continue
+                c = cands[i]
+                out.append(Record(id=record_id(c.prompt, seeds[i], rnd, c.op), prompt=c.prompt,
+                                  category=parse(c.prompt).category, teacher=t, image_ref=res["ref"],
+                                  seed=seeds[i], round_added=rnd, parent_id=c.parent_id, op=c.op))
+        return sorted(out, key=lambda r: r.id)
 
     def acquire(self, svc: Services, cands: list[evolution.NewPrompt], rnd: int) -> list[Record]:
         """Teachers render new prompts; the judge picks each prompt's best image
         (no student image is needed for that)."""
+        if self.cfg.evolution.strategy == "random":
+            return self.acquire_random(svc, cands, rnd)
         cands = self.affordable(svc, cands)
         if not cands:
             return []
@@ -363,7 +407,13 @@ class EvolveRun:
             reqs.append(DiscriminateRequest(
                 prompt=c.prompt,
                 teacher_images=[TeacherImage(teacher=t, image=self.store.get(r["ref"])) for t, r in ok.items()]))
-        verdicts = svc.discriminate(reqs)
+        if self.cfg.evolution.select == "random":  # ablation: no judge between teachers
+            rng = np.random.default_rng(stable_seed(self.cfg.seed, "select", rnd))
+            verdicts = [DiscriminateVerdict(prompt=q.prompt, best_teacher=str(rng.choice(sorted(r))),
+                                            reason="picked at random (evolution.select: random)")
+                        for q, r in zip(reqs, refs)]
+        else:
+            verdicts = svc.discriminate(reqs)
         out = evolution.select_records(
             [cands[i] for i in keep], [seeds[i] for i in keep], verdicts, refs,
             [parse(cands[i].prompt).category for i in keep], rnd)
@@ -535,10 +585,14 @@ class EvolveRun:
             return out
 
         acc = timed("heldout_s", self.score_heldout, ckpt, rnd)
-        judged, plan, stats = timed("judge_s", self.judge_round, svc, records, ckpt, rnd)
-        # The last round evolves too: its version is the run's evolved dataset,
-        # and a run resumed with more rounds trains on it.
-        nxt, added = timed("evolve_s", self.evolve, svc, records, plan, rnd)
+        if cfg.evolution.strategy == "random":  # the baseline: no judge, the data stays as bought
+            plan, stats = evolution.RoundPlan((), (), False), evolution.RoundStats()
+            nxt, added = records, []
+        else:
+            judged, plan, stats = timed("judge_s", self.judge_round, svc, records, ckpt, rnd)
+            # The last round evolves too: its version is the run's evolved dataset,
+            # and a run resumed with more rounds trains on it.
+            nxt, added = timed("evolve_s", self.evolve, svc, records, plan, rnd)
         t0 = time.time()
         if self.versions.latest() == rnd:  # a resumed round may have written it already
             self.versions.write(rnd + 1, nxt, {"round": rnd + 1})

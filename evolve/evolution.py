@@ -74,7 +74,8 @@ def plan_round(
         if not v.decided:
             stats.no_verdict += 1  # neither deleted nor expanded: judged again in a later round
         elif v.student_matches:
-            delete.append(rec.id)
+            if cfg.delete:
+                delete.append(rec.id)
             stats.student_wins += 1
         else:
             expand.append(rec.id)

@@ -1,0 +1,54 @@
+"""The science harness's quick mode (CI's smoke test of benchmarks/science.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _science():
+    spec = importlib.util.spec_from_file_location("science", ROOT / "benchmarks" / "science.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arms_differ_only_where_they_should():
+    sci = _science()
+    base = sci.base_config(quick=False, config=None)
+    rnd, evo = sci.arm_config(base, "random", 500, 1), sci.arm_config(base, "evolve", 500, 1)
+    assert (rnd.max_images, evo.max_images, rnd.seed) == (500, 500, 1)
+    assert rnd.evolution.strategy == "random" and rnd.seed_prompts == 500
+    assert evo.evolution.strategy == "evolve" and evo.seed_prompts == 500 // 12
+    assert rnd.train == evo.train and rnd.student == evo.student and rnd.teachers == evo.teachers
+    assert [t.name for t in sci.arm_config(base, "only-brush", 500, 0).teachers] == ["brush"]
+    assert not sci.arm_config(base, "no-delete", 500, 0).evolution.delete
+    assert sci.arm_config(base, "no-select", 500, 0).evolution.select == "random"
+    with pytest.raises(ValueError, match="unknown arm"):
+        sci.arm_config(base, "no-judge", 500, 0)
+    summary = {"random@100": {"arm": "random", "budget": 100, "mean": 0.4},
+               "random@400": {"arm": "random", "budget": 400, "mean": 0.6},
+               "evolve@100": {"arm": "evolve", "budget": 100, "mean": 0.5},
+               "evolve@400": {"arm": "evolve", "budget": 400, "mean": 0.7}}
+    table = sci.efficiency_table(summary)
+    assert table[0]["random_needs"] == pytest.approx(250) and table[0]["ratio"] == pytest.approx(2.5)
+    assert table[1]["random_needs"] is None  # random sampling never got there
+
+
+@pytest.mark.integration
+def test_quick_mode_runs_and_resumes(ray_local, tmp_path):
+    sci = _science()
+    out = sci.run_suite("efficiency", 1, True, None, tmp_path)
+    arms = out["arms"]
+    assert set(arms) == {"random@24", "evolve@24"}
+    for name in ("random-b24-s0", "evolve-b24-s0"):
+        r = json.loads((tmp_path / "arms" / f"{name}.json").read_text())
+        assert 0 < r["images_bought"] <= 24, r  # the image budget holds, every image counted
+    assert (tmp_path / "efficiency.png").stat().st_size > 0
+    again = sci.run_suite("efficiency", 1, True, None, tmp_path)  # finished arms are read back, not rerun
+    assert again["arms"] == arms
