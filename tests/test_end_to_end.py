@@ -182,3 +182,14 @@ def test_total_budget_trims_new_prompts(tmp_path):
     assert "5 of 10 new prompts" in said[-1]
     assert run.affordable(Spent({"aurora": 1.0}), cands) == []
     assert EvolveRun(cfg.model_copy(update={"budget": None})).affordable(Spent({"aurora": 99}), cands) == cands
+
+    # An image budget counts the ledger (every image paid for, across restarts).
+    from evolve.ledger import Ledger
+
+    capped = EvolveRun(cfg.model_copy(update={"budget": None, "max_images": 10}), progress=said.append)
+    ledger = Ledger(capped.folder.ledger)
+    for i in range(4):
+        ledger.record({"teacher": "aurora", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.0})
+    assert capped.affordable(Spent({}), cands) == cands[:2]               # 6 left, 3 teachers a prompt
+    assert capped.affordable(Spent({}), cands, images_per_prompt=1) == cands[:6]
+    assert "image budget 10: 4 bought" in said[-1]

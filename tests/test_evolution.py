@@ -44,6 +44,13 @@ def test_no_verdict_leaves_the_sample_and_is_counted():
     assert stats.teacher_wins == {"a": 1}
 
 
+def test_deletion_switched_off_keeps_matched_prompts():
+    recs = [rec("a red circle"), rec("a blue square")]
+    plan, stats = ev.plan_round(recs, [verdict("a red circle", True), verdict("a blue square", False)],
+                                EvolutionConfig(delete=False, mutate_prob=0.0), np.random.default_rng(0))
+    assert plan.delete_ids == () and plan.expand_ids == (recs[1].id,) and stats.student_wins == 1
+
+
 def test_expand_k_zero_expands_nothing():
     recs = [rec("a red circle")]
     plan, _ = ev.plan_round(recs, [verdict("a red circle", False)], EvolutionConfig(expand_k=0),
