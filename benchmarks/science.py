@@ -122,8 +122,9 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
     return result
 
 
-def suite_arms(suite: str, base: RunConfig, quick: bool) -> list[tuple[str, int]]:
-    budgets = (24,) if quick else BUDGETS
+def suite_arms(suite: str, base: RunConfig, quick: bool,
+               budgets: tuple[int, ...] = BUDGETS) -> list[tuple[str, int]]:
+    budgets = (24,) if quick else budgets
     one = budgets[-1] if quick else ONE_BUDGET
     teachers = [t.name for t in base.teachers]
     arms: list[tuple[str, int]] = []
@@ -190,7 +191,8 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Path) -> dict:
+def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Path,
+              budgets: tuple[int, ...] = BUDGETS) -> dict:
     """Run (or read back) every arm of `suite`; write and return the summary.
     Uses the Ray instance already started in this process, if any."""
     import ray
@@ -203,7 +205,7 @@ def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Pat
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
     try:
-        for arm, budget in suite_arms(suite, base, quick):
+        for arm, budget in suite_arms(suite, base, quick, budgets):
             for seed in range(1 if quick else seeds):
                 results.append(run_arm(out, base, arm, budget, seed, free_port()))
     finally:
@@ -224,8 +226,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny config, one budget, one seed")
     ap.add_argument("--config", type=Path, default=None, help="base RunConfig (e.g. real teachers and judge)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "science")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                    help="efficiency suite: image budgets, comma-separated")
     args = ap.parse_args()
-    out = run_suite(args.suite, args.seeds, args.quick, args.config, args.out)
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    out = run_suite(args.suite, args.seeds, args.quick, args.config, args.out, budgets)
     for key, row in out["arms"].items():
         print(f"{key:28s} n={row['n']}  held-out {row['mean']:.1%} +- {row['sd']:.1%}")
     for row in out["efficiency"]:
