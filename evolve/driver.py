@@ -370,7 +370,8 @@ class EvolveRun:
         turn), no judge, so every image bought is a training image."""
         cands = self.affordable(svc, cands, images_per_prompt=1)
         names = [t.name for t in self.cfg.teachers]
-        seeds = [stable_seed(self.cfg.seed, c.prompt, rnd) for c in cands]
+        # The index too: a prompt drawn twice is two images (two seeds).
+        seeds = [stable_seed(self.cfg.seed, c.prompt, rnd, i) for i, c in enumerate(cands)]
         mine = {t: [i for i in range(len(cands)) if i % len(names) == k] for k, t in enumerate(names)}
         got = {t: svc.buy_from(t, [(cands[i].prompt, seeds[i]) for i in idx]) for t, idx in mine.items()}
         out = []
@@ -427,11 +428,14 @@ class EvolveRun:
         cats = self.cfg.seed_categories
         prompts: list[str] = []
         tries = 0
+        # The random baseline samples with replacement: its budget is in images, and
+        # the grammar has fewer prompts than a large budget (a prompt again = a new seed).
+        repeat = self.cfg.evolution.strategy == "random"
         while len(prompts) < self.cfg.seed_prompts and tries < 100 * self.cfg.seed_prompts:
             tries += 1
             cat = None if cats is None else cats[int(rng.integers(len(cats)))]
             p = sample_prompt(rng, cat).text
-            if p not in prompts:
+            if repeat or p not in prompts:
                 prompts.append(p)
         records = self.acquire(svc, [evolution.NewPrompt(p, "seed") for p in prompts], 0)
         self.versions.write(0, records, {"round": 0})
