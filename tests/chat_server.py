@@ -21,7 +21,6 @@ import base64
 import io
 import json
 import re
-import threading
 import time
 from collections import deque
 from typing import Any
@@ -31,6 +30,7 @@ from aiohttp import web
 from PIL import Image
 
 from evolve import shapes
+from serve.server_thread import ServerThread
 
 A, B = "<(A) is better>", "<(B) is better>"
 
@@ -51,15 +51,17 @@ def _text(content: Any) -> str:
     return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
-class ChatServer:
+class ChatServer(ServerThread):
+    thread_name = "chat-server"
+
     def __init__(self, mode: str = "truthful", api_key: str | None = None, latency_s: float = 0.0) -> None:
+        super().__init__()
         self.mode = mode
         self.api_key = api_key
         self.latency_s = latency_s
         self.script: deque = deque()
         self.requests: list[dict[str, Any]] = []
         self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
 
     # -- answers ---------------------------------------------------------------------
@@ -114,13 +116,10 @@ class ChatServer:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return f"http://127.0.0.1:{port}/v1"
 
-    def __enter__(self) -> "ChatServer":
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, daemon=True, name="chat-server").start()
-        self.url = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
-    def __exit__(self, *exc: Any) -> None:
-        assert self._loop is not None and self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+    def __enter__(self) -> "ChatServer":
+        self.url = self.start()
+        return self
