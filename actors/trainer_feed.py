@@ -15,6 +15,12 @@ which the loop samples, scores and judges while training goes on.
 
 Every rank that polls at the same step gets the same answer (the first poll of
 a step fixes it), so all workers switch data at one step boundary.
+
+Lockstep (`lockstep_steps=n`, for controlled experiments): after n steps on a
+version the trainer writes a snapshot whether or not the loop asked yet, then
+holds (`poll(..., held=True)` returns only when a newer version is published or
+the loop says stop). Every version then gets exactly n steps, however long the
+loop takes, so two runs that differ only in their data train the same steps.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ import ray
 
 
 class Feed:
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, lockstep_steps: int | None = None) -> None:
+        if lockstep_steps is not None and lockstep_steps < 1:
+            raise ValueError(f"lockstep_steps must be >= 1, got {lockstep_steps}")
         self.world = world_size
+        self.lockstep = lockstep_steps
         self.version: int | None = None
         self.shards: dict[int, list] = {}  # version -> one shard per rank (the last few versions)
         self.first_step: dict[int, int] = {}  # version -> step at which training on it began
-        self.answers: dict[int, dict] = {}  # step -> what every rank polling at it is told
+        self.answers: dict[tuple[int, bool], dict] = {}  # (step, held) -> what every rank polling then is told
         self.stopping = False
         self.snapshots: list[dict] = []
         self.wanted: dict[int, int] = {}  # version -> steps on it after which the loop wants weights
@@ -66,16 +75,23 @@ class Feed:
         return self._snapshot_after(version, min_steps)
 
     def status(self) -> dict:
-        return {"version": self.version, "first_step": dict(self.first_step), "stopping": self.stopping,
+        return {"version": self.version, "lockstep": self.lockstep, "first_step": dict(self.first_step), "stopping": self.stopping,
                 "snapshots": list(self.snapshots), "metrics": dict(self.metrics)}
 
     # -- trainer side ------------------------------------------------------------
-    async def poll(self, rank: int, step: int, have_version: int | None, metrics: dict | None = None) -> dict:
+    async def poll(self, rank: int, step: int, have_version: int | None, metrics: dict | None = None,
+                   held: bool = False) -> dict:
         """What rank `rank` trains on from `step`: {"version", "stop", "snapshot"
-        (rank 0 writes one now), "shard" (only when it is not the version the
-        rank already has)}. `metrics`: the trainer's progress, for status()."""
+        (rank 0 writes one now), "hold" (lockstep: poll again with held=True
+        after the snapshot), "shard" (only when it is not the version the rank
+        already has)}. `metrics`: the trainer's progress, for status().
+        `held=True` waits for a version newer than the one this step held on."""
         self.metrics.update(metrics or {})
-        ans = self.answers.get(step)
+        if held:
+            before = self.answers[(step, False)]["version"]
+            while not (self.stopping or self.version != before):
+                await asyncio.sleep(0.05)  # publish()/finish() are plain calls: nothing to notify with
+        ans = self.answers.get((step, held))
         if ans is None:
             if self.version is None:
                 raise RuntimeError("the trainer polled before any dataset version was published")
@@ -83,10 +99,12 @@ class Feed:
             # A snapshot is due for a waiting loop whose version has had its steps.
             due = any(v in self.first_step and self.first_step[v] + n <= step and
                       self._snapshot_after(v, n) is None for v, n in self.wanted.items())
-            ans = {"version": self.version, "stop": self.stopping, "snapshot": due}
-            self.answers[step] = ans
-            for s in [s for s in self.answers if s < step - 1000]:
-                del self.answers[s]
+            hold = (self.lockstep is not None and not self.stopping
+                    and self.first_step[self.version] + self.lockstep <= step)
+            ans = {"version": self.version, "stop": self.stopping, "snapshot": due or hold, "hold": hold}
+            self.answers[(step, held)] = ans
+            for key in [k for k in self.answers if k[0] < step - 1000]:
+                del self.answers[key]
             async with self.changed:
                 self.changed.notify_all()
         v = ans["version"]

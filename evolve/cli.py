@@ -47,26 +47,49 @@ def _load_config(config: Optional[Path], **overrides):
 def run(
     config: Optional[Path] = typer.Option(None, help="YAML or JSON RunConfig; defaults otherwise"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (resumes if it holds this run)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder with its own "
+                                          "config.json (give --rounds to run more rounds)"),
     rounds: Optional[int] = typer.Option(None, min=1),
+    max_wall_s: Optional[float] = typer.Option(None, help="stop after the round that ends past this many seconds"),
+    target_heldout: Optional[float] = typer.Option(None, help="stop once held-out accuracy reaches this (0-1)"),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="start from random weights, not the shipped base"),
     init_checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint to start from"),
     serve_port: Optional[int] = typer.Option(None, help="Serve HTTP port on 127.0.0.1"),
     serve_edgen: bool = typer.Option(False, "--serve-edgen",
                                      help="serve the student at http://127.0.0.1:PORT/edgen/v1 during the run"),
 ):
-    """Run EvolveDirector: rounds of train, judge, evolve."""
+    """Run EvolveDirector: rounds of train, judge, evolve.
+
+    Stops after `rounds`, or earlier on max_wall_s, target_heldout, a spent
+    budget, Ctrl-C or SIGTERM, writing the report every time; run it again on
+    the same folder (or --resume it) to continue where it stopped."""
+    import signal
+
     from evolve.driver import EvolveRun
     from evolve.ray_env import connect
 
+    if resume is not None:
+        if config is not None or run_dir is not None:
+            _fail("--resume takes the run's own config.json and folder: drop --config and --run-dir")
+        config, run_dir = resume / "config.json", resume
+        if not config.exists():
+            _fail(f"--resume {resume}: no run there (no config.json)")
     cfg = _load_config(config, run_dir=run_dir, rounds=rounds, init_checkpoint=init_checkpoint,
                        serve_port=serve_port, from_scratch=from_scratch or None,
-                       serve_edgen=serve_edgen or None)
+                       serve_edgen=serve_edgen or None, max_wall_s=max_wall_s, target_heldout=target_heldout)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def _interrupt(signum, frame):  # `ray job stop` sends SIGTERM: stop like Ctrl-C, with a report
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     connect()
     typer.echo(f"run folder: {Path(cfg.run_dir).resolve()}")
     report = EvolveRun(cfg).run()
     typer.echo(json.dumps({"final_heldout": report["student"]["final"]["overall"],
-                           "wall_s": report["wall_s"]}))
+                           "wall_s": report["wall_s"], "stopped": report.get("stopped")}))
+    if report.get("stopped") == "interrupted":
+        raise typer.Exit(130)
 
 
 @app.command("eval")

@@ -206,11 +206,22 @@ class TrainConfig(_Strict):
     schedule: Literal["continuous", "rounds"] = "continuous"
     poll_every: int = Field(10, ge=1, description="continuous: steps between asking the loop for news "
                             "(a new dataset version, a snapshot wanted, stop)")
+    lockstep: bool = Field(False, description="continuous: after steps_per_round on a version, snapshot and "
+                           "wait for the next one, so every version gets exactly steps_per_round steps "
+                           "(controlled experiments; the trainer then waits on the loop)")
     keep_snapshots: int = Field(3, ge=1, description="continuous: EMA snapshots kept on disk")
     max_failures: int = Field(2, ge=0, description="dead workers replaced before the training run fails")
     worker_nice: int = Field(10, ge=0, le=19, description="CPU niceness of training workers: on shared CPUs "
                              "the loop's sampling and judging go first, training uses what is left")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _lockstep_on_poll_steps(self) -> "TrainConfig":
+        # The trainer meets the feed only at poll steps: a version could not end on time.
+        if self.lockstep and self.steps_per_round % self.poll_every:
+            raise ValueError(f"train.lockstep needs steps_per_round ({self.steps_per_round}) to be a "
+                             f"multiple of poll_every ({self.poll_every})")
+        return self
 
 
 class SampleConfig(_Strict):
@@ -353,6 +364,8 @@ class EvolutionConfig(_Strict):
         "judge", description="a new prompt trains on the judge's best teacher image, or (ablation) "
         "on a teacher's image picked at random")
     expand_k: int = Field(3, ge=0, description="variants per prompt where the teacher wins")
+    reseed: bool = Field(True, description="expansion short of expand_k new variants (the prompt's "
+                         "neighbourhood is all in the set) renders the prompt itself again with new seeds")
     mutate_prob: float = Field(0.2, ge=0, le=1, description="chance per round of mutation")
     mutate_n: int = Field(4, ge=0, description="new prompts per mutation")
     eval_fraction: float = Field(0.5, gt=0, le=1, description="share of training prompts the student is judged on")
@@ -382,6 +395,13 @@ class RunConfig(_Strict):
                               "switching to each new round's checkpoint")
     init_checkpoint: Path | None = Field(None, description="student to start from; None = shipped base")
     from_scratch: bool = False
+    # When to stop before `rounds` (checked after each round; the report is written every time).
+    max_wall_s: float | None = Field(None, gt=0, description="stop after the round that ends past this "
+                                     "many seconds of this invocation")
+    target_heldout: float | None = Field(None, gt=0, le=1, description="stop once the student's held-out "
+                                         "accuracy reaches this")
+    stop_when_spent: bool = Field(True, description="stop once `budget` or `max_images` leaves nothing to buy "
+                                  "(off: keep training and judging on the data bought)")
 
     @model_validator(mode="after")
     def _unique_teachers(self) -> "RunConfig":

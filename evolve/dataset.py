@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 Op = Literal["seed", "expand", "mutate"]
-OPS: tuple[str, ...] = ("seed", "expand", "mutate")
+OPS: tuple[str, ...] = ("seed", "expand", "reseed", "mutate")
 
 SCHEMA = pa.schema([
     ("id", pa.string()),

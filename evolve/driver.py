@@ -140,9 +140,42 @@ class Services:
 
         return ray.get(self.gateways[teacher].render_many.remote(items)) if items else []
 
-    def discriminate(self, reqs: list[DiscriminateRequest]) -> list[DiscriminateVerdict]:
-        responses = [self.judge.discriminate.remote(r) for r in reqs]  # batched by Serve
-        return [r.result() for r in responses]
+    def ask_judge(self, method: str, reqs: list, latencies: list[float] | None = None,
+                  retries: int = 5) -> list:
+        """The judge's answers to `reqs` (one `method` call each, batched by Serve).
+
+        A replica that dies under a request (killed, node lost) fails it with a
+        RayActorError; Serve starts another, and the failed requests are asked
+        again: judging is free and repeatable. `latencies` receives each
+        answer's seconds (for metrics)."""
+        from ray.exceptions import RayActorError
+
+        out: list = [None] * len(reqs)
+        pending = list(range(len(reqs)))
+        t = time.perf_counter()
+        for attempt in range(retries + 1):
+            responses = {i: getattr(self.judge, method).remote(reqs[i]) for i in pending}
+            failed, error = [], None
+            for i, r in responses.items():
+                try:
+                    out[i] = r.result()
+                except RayActorError as e:
+                    failed.append(i)
+                    error = e
+                    continue
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - t)
+            if not failed:
+                return out
+            log.warning("judge replica lost under %d %s requests (%s); asking again", len(failed), method,
+                        type(error).__name__)
+            time.sleep(min(2.0 ** attempt, 10.0))
+            pending = failed
+        raise RuntimeError(f"the judge failed {len(pending)} {method} requests {retries + 1} times") from error
+
+    def discriminate(self, reqs: list[DiscriminateRequest],
+                     latencies: list[float] | None = None) -> list[DiscriminateVerdict]:
+        return self.ask_judge("discriminate", reqs, latencies)
 
     def close(self) -> None:
         import ray
@@ -210,7 +243,8 @@ class ContinuousTrainer:
         from actors.trainer_feed import TrainerFeed
 
         self.cfg, self.folder, self.init = cfg, folder, init
-        self.feed = TrainerFeed.options(name=f"trainer-feed:{folder.root.name}").remote(cfg.train.num_workers)
+        self.feed = TrainerFeed.options(name=f"trainer-feed:{folder.root.name}").remote(
+            cfg.train.num_workers, cfg.train.steps_per_round if cfg.train.lockstep else None)
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -297,6 +331,43 @@ def sample_student(cfg: RunConfig, checkpoint: str | None, prompts: list[str], s
 
 # --------------------------------------------------------------------------- the loop
 
+STOP_REASONS = {
+    "rounds": "all rounds done",
+    "target": "the student reached target_heldout",
+    "wall_clock": "max_wall_s passed",
+    "budget": "the budget is spent",
+    "interrupted": "interrupted (Ctrl-C or SIGTERM)",
+}
+
+
+class LoopMetrics:
+    """The loop's state for the Ray dashboard / Prometheus (`ray.util.metrics`),
+    tagged by run; the teacher gateways and Serve export their own."""
+
+    def __init__(self, run: str) -> None:
+        from ray.util.metrics import Gauge, Histogram
+
+        self.tags = {"run": run}
+        keys = ("run",)
+        names = {"round": "last finished round", "dataset_size": "training records in the round's version",
+                 "student_win_rate": "share of judged prompts where the student matched the best teacher",
+                 "heldout_accuracy": "student's held-out accuracy after the round",
+                 "images_bought": "teacher images paid for", "spend_usd": "money spent on all teachers",
+                 "train_loss": "trainer's recent loss", "train_images_per_s": "trainer throughput",
+                 "trainer_step": "trainer's step"}
+        self.gauges = {k: Gauge(f"evolve_{k}", d, tag_keys=keys) for k, d in names.items()}
+        self.judge_latency = Histogram("evolve_judge_latency_s", "seconds from asking the judge to its verdict",
+                                       boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=keys)
+
+    def set(self, **values: float | None) -> None:
+        for k, v in values.items():
+            if v is not None:
+                self.gauges[k].set(float(v), tags=self.tags)
+
+    def judged(self, seconds: list[float]) -> None:
+        for s in seconds:
+            self.judge_latency.observe(s, tags=self.tags)
+
 
 class EvolveRun:
     def __init__(self, cfg: RunConfig, progress=print):
@@ -315,7 +386,7 @@ class EvolveRun:
         if self.folder.config.exists():
             old = RunConfig.load(self.folder.config)
             # What does not change the run's results may differ on resume.
-            free = {"rounds", "serve_port", "serve_edgen"}
+            free = {"rounds", "serve_port", "serve_edgen", "max_wall_s", "target_heldout", "stop_when_spent"}
             mine = self.cfg.model_dump(exclude=free)
             theirs = old.model_dump(exclude=free)
             if mine != theirs:
@@ -386,6 +457,10 @@ class EvolveRun:
                                   seed=seeds[i], round_added=rnd, parent_id=c.parent_id, op=c.op))
         return sorted(out, key=lambda r: r.id)
 
+    def candidate_seed(self, c: evolution.NewPrompt, rnd: int) -> int:
+        """The teachers' seed for a new prompt; another copy of a prompt draws another image."""
+        return stable_seed(self.cfg.seed, c.prompt, rnd, *([c.copy] if c.copy else []))
+
     def acquire(self, svc: Services, cands: list[evolution.NewPrompt], rnd: int) -> list[Record]:
         """Teachers render new prompts; the judge picks each prompt's best image
         (no student image is needed for that)."""
@@ -394,7 +469,7 @@ class EvolveRun:
         cands = self.affordable(svc, cands)
         if not cands:
             return []
-        seeds = [stable_seed(self.cfg.seed, c.prompt, rnd) for c in cands]
+        seeds = [self.candidate_seed(c, rnd) for c in cands]
         bought = svc.buy([(c.prompt, s) for c, s in zip(cands, seeds)])
         keep, reqs, refs = [], [], []
         for i, c in enumerate(cands):
@@ -459,32 +534,54 @@ class EvolveRun:
             imgs = [TeacherImage(teacher=t, image=self.store.get(res[i]["ref"]))
                     for t, res in bought.items() if "ref" in res[i]]
             reqs.append(DiscriminateRequest(prompt=r.prompt, student_image=student[i], teacher_images=imgs))
-        verdicts = svc.discriminate(reqs)
+        latencies: list[float] = []
+        verdicts = svc.discriminate(reqs, latencies)
+        self.metrics.judged(latencies)
+        self.save_judge_grid(rnd, judged, reqs, verdicts)
         self.log_verdicts(f"judge_{rnd:03d}", [
             {"record_id": r.id, "prompt": r.prompt, "verdict": v.model_dump(mode="json")}
             for r, v in zip(judged, verdicts)])
         plan, stats = evolution.plan_round(judged, verdicts, self.cfg.evolution, rng)
         return judged, plan, stats
 
+    def save_judge_grid(self, rnd: int, judged: list[Record], reqs: list[DiscriminateRequest],
+                        verdicts: list[DiscriminateVerdict], rows: int = 8) -> None:
+        """What the judge saw, for people: `grids/judge_NNN.png`, one row per judged
+        prompt (student, then each teacher), and `grids/judge_NNN.json` saying
+        what each row and column is and what the judge decided."""
+        names = [t.name for t in self.cfg.teachers]
+        size = self.cfg.student.image_size
+        blank = np.zeros((size, size, 3), np.uint8)
+        images, meta = [], []
+        for rec, req, v in list(zip(judged, reqs, verdicts))[:rows]:
+            mine = {t.teacher: t.image for t in req.teacher_images}
+            cells = [req.student_image] + [mine.get(n) for n in names]
+            images += [from_png(c) if c is not None else blank for c in cells]
+            meta.append({"record_id": rec.id, "prompt": rec.prompt, "decided": v.decided,
+                         "student_matches": v.student_matches, "best_teacher": v.best_teacher})
+        if not images:
+            return
+        save_grid(images, self.folder.grids / f"judge_{rnd:03d}.png", cols=1 + len(names))
+        write_json_atomic(self.folder.grids / f"judge_{rnd:03d}.json",
+                          {"columns": ["student"] + names, "rows": meta})
+
     def evolve(self, svc: Services, records: list[Record], plan: evolution.RoundPlan,
                rnd: int) -> tuple[list[Record], list[Record]]:
         by_id = {r.id: r for r in records}
         training = sorted({r.prompt for r in records})
-        expansions = {}
-        futures = {rid: svc.judge.expand.remote(ExpandRequest(
+        expansions = dict(zip(plan.expand_ids, svc.ask_judge("expand", [ExpandRequest(
             prompt=by_id[rid].prompt, k=self.cfg.evolution.expand_k, seed=stable_seed(rid, rnd),
-            avoid_prompts=training)) for rid in plan.expand_ids}
-        for rid, f in futures.items():
-            expansions[rid] = f.result()
+            avoid_prompts=training) for rid in plan.expand_ids])))
         mutation = None
         if plan.mutate and self.cfg.evolution.mutate_n > 0:
-            mutation = svc.judge.mutate.remote(MutateRequest(
+            mutation = svc.ask_judge("mutate", [MutateRequest(
                 avoid_prompts=training, n=self.cfg.evolution.mutate_n,
-                seed=stable_seed(self.cfg.seed, "mutate", rnd))).result()
+                seed=stable_seed(self.cfg.seed, "mutate", rnd))])[0]
         self.log_verdicts(f"evolve_{rnd:03d}", [
             {"op": "expand", "record_id": rid, **e.model_dump(mode="json")} for rid, e in expansions.items()
         ] + ([{"op": "mutate", **mutation.model_dump(mode="json")}] if mutation is not None else []))
-        cands = evolution.new_prompts(expansions, mutation, set(training))
+        evo = self.cfg.evolution
+        cands = evolution.new_prompts(expansions, mutation, set(training), evo.expand_k if evo.reseed else 0)
         added = self.acquire(svc, cands, rnd + 1)
         nxt = evolution.apply_delta(records, plan.delete_ids, added, self.cfg.evolution.max_dataset)
         return nxt, added
@@ -503,33 +600,43 @@ class EvolveRun:
         start = self.first_unfinished_round()
         t0 = time.time()
         svc = Services(cfg, self.folder, init)
-        trainer = None
+        self.metrics = LoopMetrics(self.folder.root.name)
+        trainer, stop = None, "rounds"
+        continuous = cfg.train.schedule == "continuous"
+        final_path = self.folder.rounds / f"final_v{cfg.rounds:04d}.json"
         try:
-            if self.versions.latest() is None:
-                self.seed_set(svc)
-            baseline_path = self.folder.rounds / "baseline.json"
-            if not baseline_path.exists():
-                acc = self.score_heldout(init, "init")
-                write_json_atomic(baseline_path, {"heldout": acc})
-                self.say(f"start: held-out accuracy {acc['overall']:.1%}")
-            final = None
-            if cfg.train.schedule == "continuous":
-                final_path = self.folder.rounds / f"final_v{cfg.rounds:04d}.json"
-                if start < cfg.rounds or not final_path.exists():
+            try:
+                if self.versions.latest() is None:
+                    self.seed_set(svc)
+                baseline_path = self.folder.rounds / "baseline.json"
+                if not baseline_path.exists():
+                    acc = self.score_heldout(init, "init")
+                    write_json_atomic(baseline_path, {"heldout": acc})
+                    self.say(f"start: held-out accuracy {acc['overall']:.1%}")
+                if continuous and (start < cfg.rounds or not final_path.exists()):
                     trainer = ContinuousTrainer(cfg, self.folder, init)
                     trainer.publish(start, self.versions.read(start))
                 for rnd in range(start, cfg.rounds):
-                    self.play_round(svc, rnd, init, trainer)
-                if trainer is not None:
+                    init = self.play_round(svc, rnd, init, trainer)
+                    reason = self.stop_reason(svc, rnd, t0)
+                    if reason is not None and rnd + 1 < cfg.rounds:
+                        stop = reason
+                        self.say(f"stopping after round {rnd}: {STOP_REASONS[reason]}")
+                        break
+                if trainer is not None and stop == "rounds":
                     self.final_student(trainer, final_path)
-                    self.trainer_summary(trainer, time.time() - t0)
-                    trainer, closing = None, trainer
-                    closing.close()
-                final = json.loads(final_path.read_text())
-            else:
-                for rnd in range(start, cfg.rounds):
-                    init = self.play_round(svc, rnd, init)
-            report = self.final_report(svc, time.time() - t0, final)
+            except KeyboardInterrupt:
+                # Ctrl-C (or SIGTERM from `ray job stop`): what is finished is on disk;
+                # report it. The round in flight is redone by a resumed run (its
+                # purchases are in the ledger, so nothing is bought twice).
+                stop = "interrupted"
+                self.say("interrupted: writing the report of the finished rounds (resume with --resume)")
+            if trainer is not None:
+                self.trainer_summary(trainer, time.time() - t0)
+                trainer, closing = None, trainer
+                closing.close()
+            final = json.loads(final_path.read_text()) if continuous and final_path.exists() else None
+            report = self.final_report(svc, time.time() - t0, final, stop)
         finally:
             if trainer is not None:  # an error on the way: stop training, keep the error
                 try:
@@ -614,7 +721,7 @@ class EvolveRun:
             "deleted": len(plan.delete_ids),
             "expanded_from": len(plan.expand_ids),
             "mutated": plan.mutate,
-            "added": {op: sum(1 for a in added if a.op == op) for op in ("expand", "mutate")},
+            "added": {op: sum(1 for a in added if a.op == op) for op in ("expand", "reseed", "mutate")},
             "images_bought": sum(s["paid_calls"] for s in teachers.values()),
             "spend": {n: round(s["spent"], 4) for n, s in teachers.items()},
             "heldout": acc,
@@ -623,13 +730,46 @@ class EvolveRun:
             "round_s": round(time.time() - t, 1),
         }
         write_json_atomic(self.folder.round_stats(rnd), row)
+        train = trainer.status()["metrics"] if trainer is not None else {}
+        self.metrics.set(round=rnd, dataset_size=len(records), student_win_rate=stats.student_win_rate,
+                         heldout_accuracy=acc["overall"], images_bought=row["images_bought"],
+                         spend_usd=sum(row["spend"].values()), train_loss=train.get("loss"),
+                         train_images_per_s=train.get("images_per_s"), trainer_step=train.get("step"))
         self.say(f"round {rnd}: held-out {acc['overall']:.1%}  student wins {stats.student_win_rate:.0%}"
                  f"  dataset {len(records)} -> +{len(added)} -{len(plan.delete_ids)}"
                  f"  bought {row['images_bought']}  spend ${sum(row['spend'].values()):.2f}"
                  f"  ({row['round_s']:.0f} s)")
         return ckpt
 
-    def final_report(self, svc: Services, wall_s: float, final: dict | None = None) -> dict:
+    def stop_reason(self, svc: Services, rnd: int, t0: float) -> str | None:
+        """Why the run should stop after round `rnd` (a key of STOP_REASONS), or None."""
+        cfg = self.cfg
+        acc = json.loads(self.folder.round_stats(rnd).read_text())["heldout"]["overall"]
+        if cfg.target_heldout is not None and acc >= cfg.target_heldout:
+            return "target"
+        if cfg.max_wall_s is not None and time.time() - t0 >= cfg.max_wall_s:
+            return "wall_clock"
+        if cfg.stop_when_spent and cfg.evolution.strategy == "evolve" and self.spent(svc):
+            return "budget"
+        return None
+
+    def spent(self, svc: Services) -> bool:
+        """Nothing more can be bought: the image budget, the total budget or every
+        teacher's own budget is used up (a new prompt costs one image per teacher)."""
+        from evolve.ledger import Ledger
+
+        cfg = self.cfg
+        if cfg.max_images is not None and len(Ledger(self.folder.ledger)) + len(cfg.teachers) > cfg.max_images:
+            return True
+        stats = svc.teacher_stats()
+        if cfg.budget is not None and (sum(s["spent"] for s in stats.values())
+                                       + sum(t.price_per_image for t in cfg.teachers) > cfg.budget + 1e-9):
+            return True
+        return all(t.budget is not None and stats[t.name]["spent"] + t.price_per_image > t.budget + 1e-9
+                   for t in cfg.teachers)
+
+    def final_report(self, svc: Services, wall_s: float, final: dict | None = None,
+                     stopped: str = "rounds") -> dict:
         from evolve.report import write_report
 
         bought = svc.buy(list(zip(self.heldout, self.heldout_seeds)))
@@ -638,16 +778,17 @@ class EvolveRun:
             imgs = [from_png(self.store.get(r["ref"])) if "ref" in r else np.zeros((1, 1, 3), np.uint8)
                     for r in res]
             teachers[t] = score(self.heldout, imgs).to_dict()
-        return write_report(self.folder, teachers, svc.teacher_stats(), wall_s, self.say, final)
+        return write_report(self.folder, teachers, svc.teacher_stats(), wall_s, self.say, final,
+                            stopped=stopped)
 
 
-def save_grid(images: list[np.ndarray], path: Path, scale: int = 3) -> None:
+def save_grid(images: list[np.ndarray], path: Path, scale: int = 3, cols: int = 8) -> None:
     from PIL import Image
 
     if not images:
         return
     n = len(images)
-    cols = min(8, n)
+    cols = min(cols, n)
     rows = (n + cols - 1) // cols
     h, w, _ = images[0].shape
     grid = np.full((rows * (h + 2), cols * (w + 2), 3), 64, np.uint8)

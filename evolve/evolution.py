@@ -3,7 +3,9 @@
 One round, given the judge's verdicts on the student's images:
 - deletion: a prompt the student already matches leaves the training set;
 - expansion: where the teacher wins, the prompt is kept and the judge's
-  variants of it join (more data for the weak skill);
+  variants of it join (more data for the weak skill); where the judge has
+  fewer than k new variants (a small grammar runs out of them), new seeds of
+  the prompt itself make up the rest ("reseed");
 - mutation: with some probability, brand-new prompts of other structures join;
 - selection: each new prompt trains on the best teacher's image (judge's pick).
 Nothing here touches Ray, files or the network, so it is tested directly.
@@ -32,8 +34,9 @@ class RoundPlan:
 @dataclass(frozen=True)
 class NewPrompt:
     prompt: str
-    op: str                       # "seed" | "expand" | "mutate"
+    op: str                       # "seed" | "expand" | "reseed" | "mutate"
     parent_id: str | None = None
+    copy: int = 0                 # > 0: another render (new seed) of a prompt the set already has
 
 
 @dataclass
@@ -88,18 +91,28 @@ def new_prompts(
     expansions: dict[str, ExpandResult],
     mutation: MutateResult | None,
     existing: set[str],
+    reseed_to: int = 0,
 ) -> list[NewPrompt]:
     """Judge outputs -> new prompts, without duplicates of each other or of `existing`.
 
     `expansions` maps a parent record id to the judge's variants of its prompt.
+    `reseed_to`: a parent whose new variants number fewer than this gets new
+    renders of its own prompt for the rest (copies 1, 2, ... per prompt text,
+    so each becomes a record of its own with its own seed).
     """
     seen = set(existing)
     out: list[NewPrompt] = []
+    copies: dict[str, int] = {}
     for parent_id, result in expansions.items():
+        fresh = 0
         for p in result.variants:
             if p not in seen:
                 seen.add(p)
+                fresh += 1
                 out.append(NewPrompt(p, "expand", parent_id))
+        for _ in range(reseed_to - fresh):
+            n = copies[result.prompt] = copies.get(result.prompt, 0) + 1
+            out.append(NewPrompt(result.prompt, "reseed", parent_id, copy=n))
     if mutation is not None:
         for p in mutation.prompts:
             if p not in seen:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from evolve.dataset import write_json_atomic
@@ -13,8 +14,8 @@ def load_rounds(rounds_dir: Path) -> list[dict]:
 
 
 def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dict], wall_s: float,
-                 say=print, final: dict | None = None) -> dict:
-    """Write report.json, report.md and accuracy.png into the run folder.
+                 say=print, final: dict | None = None, stopped: str = "rounds") -> dict:
+    """Write report.json, report.md, accuracy.png and report.html into the run folder.
 
     `final`: the student trained on the last evolved version (continuous
     schedule); else the final student is the last round's."""
@@ -25,6 +26,7 @@ def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dic
         curve.append(final["heldout"]["overall"])
     report = {
         "wall_s": round(wall_s, 1),
+        "stopped": stopped,  # why the run ended: rounds | target | wall_clock | budget | interrupted
         "student": {
             "start": baseline,
             "final": final["heldout"] if final else rounds[-1]["heldout"] if rounds else baseline,
@@ -42,6 +44,12 @@ def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dic
     (folder.root / "report.md").write_text(_markdown(report))
     _plot(curve, teachers, folder.root / "accuracy.png")
     say(f"report: {folder.report}")
+    from evolve.html_report import write_html_report  # here: it imports this module
+
+    try:  # a page for people: its failure must not lose the run's end
+        say(f"html report: {write_html_report(folder)}")
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).exception("writing report.html")
     say("held-out accuracy by round: " + " -> ".join(f"{a:.1%}" for a in curve))
     for t, s in teachers.items():
         say(f"teacher {t}: held-out {s['overall']:.1%}")
@@ -57,7 +65,8 @@ def _markdown(rep: dict) -> str:
             f"{s['per_category'].get(c, 0):.1%}" for c in cats) + " |\n"
 
     out = ["# Run report\n", f"Wall time {rep['wall_s']:.0f} s; images bought {rep['total_images_bought']}; "
-           f"spend ${rep['total_spend']:.2f}.\n\n## Held-out accuracy\n", head,
+           f"spend ${rep['total_spend']:.2f}; stopped: {rep.get('stopped', 'rounds')}.\n\n"
+           "## Held-out accuracy\n", head,
            row("student (start)", rep["student"]["start"]), row("student (final)", rep["student"]["final"])]
     out += [row(f"teacher {t}", s) for t, s in rep["teachers"].items()]
     out.append("\n## Rounds\n| round | held-out | student win rate | dataset | bought | spend |\n|---|---|---|---|---|---|\n")

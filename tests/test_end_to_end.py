@@ -12,6 +12,7 @@ from evolve.config import RunConfig
 from evolve.dataset import DatasetVersions
 from evolve.ledger import Ledger
 from evolve.ray_env import free_port
+from run_checks import assert_consistent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +28,9 @@ def test_tiny_run_end_to_end_and_resume(ray_local, tmp_path):
 
     # Every artefact the issue asks for is in the run folder.
     assert (run / "report.json").exists() and (run / "report.md").exists() and (run / "accuracy.png").exists()
-    assert sorted(p.name for p in (run / "grids").iterdir()) == ["round_0.png", "round_1.png", "round_final.png",
-                                                                 "round_init.png"]
+    assert sorted(p.name for p in (run / "grids").iterdir()) == [
+        "judge_000.json", "judge_000.png", "judge_001.json", "judge_001.png",
+        "round_0.png", "round_1.png", "round_final.png", "round_init.png"]
     rounds = [json.loads((run / "rounds" / f"round_{r:03d}.json").read_text()) for r in range(2)]
     for r in rounds:
         assert {"student_win_rate", "dataset_size", "images_bought", "spend", "teacher_wins", "heldout"} <= set(r)
@@ -43,7 +45,7 @@ def test_tiny_run_end_to_end_and_resume(ray_local, tmp_path):
     versions = DatasetVersions(run / "datasets")
     assert versions.versions() == [0, 1, 2]
     v1 = versions.read(1)
-    assert {r.op for r in v1} <= {"seed", "expand", "mutate"}
+    assert {r.op for r in v1} <= {"seed", "expand", "reseed", "mutate"}
     # Mutation probability 1.0 in the tiny config: round 0 must have mutated.
     assert rounds[0]["mutated"] is True
     # Every judge answer is kept beside the samples it decided.
@@ -84,6 +86,43 @@ def test_run_folder_refuses_other_config(ray_local, tmp_path):
     RunConfig(run_dir=tmp_path / "run", seed=99).save(tmp_path / "run" / "config.json")
     with pytest.raises(ValueError, match="another config"):
         EvolveRun(cfg).run()
+
+
+@pytest.mark.integration
+def test_stops_write_a_report_and_a_resumed_run_finishes(ray_local, tmp_path, monkeypatch):
+    """A wall-clock stop and a Ctrl-C both end with a report of the finished
+    rounds; running the folder again continues where it stopped."""
+    from evolve.driver import EvolveRun
+
+    cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
+        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 3,
+                "max_wall_s": 0.5})
+    run = tmp_path / "run"
+    said: list[str] = []
+    rep = EvolveRun(cfg, progress=said.append).run()
+    assert rep["stopped"] == "wall_clock" and [r["round"] for r in rep["rounds"]] == [0]
+    assert any("stopping after round 0: max_wall_s passed" in m for m in said)
+    assert (run / "report.html").exists() and not (run / "rounds" / "final_v0003.json").exists()
+    assert_consistent(run)
+
+    # Ctrl-C in the middle of round 1 (after the student was judged, before evolution).
+    real_evolve = EvolveRun.evolve
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EvolveRun, "evolve", interrupted)
+    rep = EvolveRun(cfg.model_copy(update={"max_wall_s": None}), progress=said.append).run()
+    assert rep["stopped"] == "interrupted" and [r["round"] for r in rep["rounds"]] == [0]
+    assert_consistent(run)
+    round0 = (run / "rounds" / "round_000.json").read_text()
+
+    monkeypatch.setattr(EvolveRun, "evolve", real_evolve)
+    rep = EvolveRun(cfg.model_copy(update={"max_wall_s": None}), progress=said.append).run()
+    assert rep["stopped"] == "rounds" and [r["round"] for r in rep["rounds"]] == [0, 1, 2]
+    assert (run / "rounds" / "final_v0003.json").exists()
+    assert_consistent(run)
+    assert (run / "rounds" / "round_000.json").read_text() == round0  # finished rounds are not redone
 
 
 def train_worker_pids() -> list[int]:
@@ -193,3 +232,76 @@ def test_total_budget_trims_new_prompts(tmp_path):
     assert capped.affordable(Spent({}), cands) == cands[:2]               # 6 left, 3 teachers a prompt
     assert capped.affordable(Spent({}), cands, images_per_prompt=1) == cands[:6]
     assert "image budget 10: 4 bought" in said[-1]
+
+
+def test_judge_requests_lost_with_a_replica_are_asked_again(monkeypatch):
+    """A replica dying under a request fails it with a RayActorError: only the
+    lost requests are asked again; other errors are the judge's and propagate."""
+    from ray.exceptions import ActorDiedError
+
+    import evolve.driver as driver
+
+    monkeypatch.setattr(driver.time, "sleep", lambda s: None)
+    asked: list[str] = []
+
+    class Response:
+        def __init__(self, req):
+            self.req = req
+
+        def result(self):
+            if self.req == "bad":
+                raise ValueError("not a PNG")
+            if self.req == "z" or (asked.count(self.req) == 1 and self.req in ("b", "c")):  # lost (the first time)
+                raise ActorDiedError()
+            return self.req.upper()
+
+    class Method:
+        def remote(self, req):
+            asked.append(req)
+            return Response(req)
+
+    svc = driver.Services.__new__(driver.Services)  # only the judge handle is needed
+    svc.judge = type("Handle", (), {"discriminate": Method()})()
+    lat: list[float] = []
+    assert svc.ask_judge("discriminate", ["a", "b", "c"], lat) == ["A", "B", "C"]
+    assert asked == ["a", "b", "c", "b", "c"] and len(lat) == 3
+    with pytest.raises(ValueError, match="not a PNG"):
+        svc.ask_judge("discriminate", ["bad"])
+    with pytest.raises(RuntimeError, match="failed 1 discriminate requests 2 times"):
+        svc.ask_judge("discriminate", ["z"], retries=1)
+
+
+@pytest.mark.integration
+def test_run_finishes_when_the_judge_replica_is_killed_mid_round(ray_local, tmp_path):
+    """The judge's Serve replica is killed in the middle of round 0 (the student
+    has been sampled, nothing judged yet): Serve replaces it, the lost requests
+    are asked again, and the run ends consistent with every judged record decided."""
+    import ray
+
+    from evolve.driver import EvolveRun, Services
+
+    killed: list[str] = []
+    real = Services.ask_judge
+
+    def ask_judge(self, method, reqs, *args, **kwargs):
+        if method == "discriminate" and not killed and any(r.student_image for r in reqs):
+            replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                        if a["name"].startswith("SERVE_REPLICA::judge#")]
+            assert len(replicas) == 1, replicas
+            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+            killed.append(replicas[0]["name"])
+        return real(self, method, reqs, *args, **kwargs)
+
+    cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
+        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 1})
+    Services.ask_judge = ask_judge
+    try:
+        rep = EvolveRun(cfg, progress=lambda *_: None).run()
+    finally:
+        Services.ask_judge = real
+    assert killed and rep["stopped"] == "rounds"
+    run = tmp_path / "run"
+    assert_consistent(run)
+    judged = json.loads((run / "verdicts" / "judge_000.json").read_text())
+    assert len(judged) == rep["rounds"][0]["judged"] > 0
+    assert all(e["verdict"]["decided"] for e in judged)

@@ -83,6 +83,20 @@ def test_new_prompts_dedupe_against_dataset_and_each_other():
         ("a blue circle", "expand", "p1"), ("a cyan circle", "expand", "p2"), ("three squares", "mutate", None)]
 
 
+def test_expansion_short_of_k_variants_renders_the_prompt_again():
+    # "one circle" has no neighbours left; "a red square" has one new variant.
+    exp = {"p1": ExpandResult(prompt="one circle", variants=[]),
+           "p2": ExpandResult(prompt="a red square", variants=["a red circle", "one circle"]),
+           "p3": ExpandResult(prompt="one circle", variants=[])}  # a second record of the same prompt
+    out = ev.new_prompts(exp, None, existing={"one circle", "a red square"}, reseed_to=2)
+    assert [(n.prompt, n.op, n.parent_id, n.copy) for n in out] == [
+        ("one circle", "reseed", "p1", 1), ("one circle", "reseed", "p1", 2),
+        ("a red circle", "expand", "p2", 0), ("a red square", "reseed", "p2", 1),
+        ("one circle", "reseed", "p3", 3), ("one circle", "reseed", "p3", 4)]
+    assert ev.new_prompts(exp, None, existing={"one circle", "a red square"}) == [
+        ev.NewPrompt("a red circle", "expand", "p2")]  # reseed off: only what is new
+
+
 def test_select_records_uses_judges_best_teacher():
     cands = [ev.NewPrompt("a red circle", "expand", "p1"), ev.NewPrompt("two squares", "mutate")]
     vs = [verdict("a red circle", False, "b"), verdict("two squares", False, "a")]

@@ -24,15 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A `ray start --head` of its own; yields (env, dashboard address, metrics
+    URL, GCS address), shared by this module's tests."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    dash, metrics = free_port(), free_port()
+    dash, metrics, gcs = free_port(), free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-           f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--metrics-export-port={metrics}", "--disable-usage-stats",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
     # --block keeps the head in one process group that we stop ourselves:
@@ -51,7 +54,7 @@ def ray_head(tmp_path):
                 if head.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"ray head did not start: {(tmp_path / 'ray_head.log').read_text()[-2000:]}")
                 time.sleep(1)
-        yield env, address, f"http://127.0.0.1:{metrics}/metrics"
+        yield env, address, f"http://127.0.0.1:{metrics}/metrics", f"127.0.0.1:{gcs}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -63,7 +66,7 @@ def ray_head(tmp_path):
 
 @pytest.mark.integration
 def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
-    env, address, metrics_url = ray_head
+    env, address, metrics_url, _ = ray_head
     run_dir = tmp_path / "run"
     # The "rounds" schedule here (one fit() per round); the other end-to-end
     # tests run the default "continuous" one.
@@ -89,3 +92,54 @@ def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     bought = [ln for ln in text.splitlines() if ln.startswith("ray_evolve_teacher_images_bought")]
     assert any('teacher="aurora"' in ln for ln in bought), text[-2000:]
+    # So did the loop's own (dataset size, win rate, held-out accuracy, judge latency).
+    for name in ("ray_evolve_dataset_size", "ray_evolve_heldout_accuracy", "ray_evolve_judge_latency_s_count"):
+        assert any(ln.startswith(name) and 'run="run"' in ln for ln in text.splitlines()), name
+
+
+@pytest.mark.integration
+def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_path):
+    """`kill -9` of the driver in the middle of round 0 (the student judged, the
+    new prompts not yet all bought), then the same command again: the run
+    finishes from where it stopped, consistent, and the ledger holds exactly the
+    images the teachers' servers billed. The teachers run here, outside the
+    cluster, so their counts outlive the driver."""
+    from run_checks import assert_consistent
+
+    from evolve.ledger import Ledger
+    from serve.teachers import TeacherServersThread
+
+    env, _, _, gcs = ray_head
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["rounds"] = 2
+    with TeacherServersThread(cfg["teachers"], 32) as servers:
+        urls = servers.urls()
+        cfg["teachers"] = [{**t, "kind": "openai", "base_url": urls[t["name"]], "model": "shapes"}
+                           for t in cfg["teachers"]]
+        config = tmp_path / "tiny-remote.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        run_dir = tmp_path / "run"
+        cmd = [str(BIN / "evolve"), "run", "--config", str(config), "--run-dir", str(run_dir),
+               "--from-scratch", "--serve-port", str(free_port())]
+        driver_env = {**env, "RAY_ADDRESS": gcs}
+        log = open(tmp_path / "driver.log", "wb")
+        driver = subprocess.Popen(cmd, env=driver_env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        judged = run_dir / "verdicts" / "judge_000.json"
+        deadline = time.time() + 400
+        while not judged.exists():
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.time() < deadline, "round 0 was never judged"
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        log.close()
+        assert not (run_dir / "rounds" / "round_000.json").exists()  # killed inside round 0
+
+        done = subprocess.run(cmd, env=driver_env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        billed = sum(s["images"] for s in servers.stats().values())
+    assert_consistent(run_dir)
+    assert len(Ledger(run_dir / "ledger.jsonl")) == billed
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0, 1]

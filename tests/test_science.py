@@ -31,13 +31,23 @@ def test_arms_differ_only_where_they_should():
     assert sci.arm_config(base, "no-select", 500, 0).evolution.select == "random"
     with pytest.raises(ValueError, match="unknown arm"):
         sci.arm_config(base, "no-judge", 500, 0)
-    summary = {"random@100": {"arm": "random", "budget": 100, "mean": 0.4},
-               "random@400": {"arm": "random", "budget": 400, "mean": 0.6},
-               "evolve@100": {"arm": "evolve", "budget": 100, "mean": 0.5},
-               "evolve@400": {"arm": "evolve", "budget": 400, "mean": 0.7}}
-    table = sci.efficiency_table(summary)
-    assert table[0]["random_needs"] == pytest.approx(250) and table[0]["ratio"] == pytest.approx(2.5)
-    assert table[1]["random_needs"] is None  # random sampling never got there
+    assert rnd.train.lockstep and rnd.train.steps_per_round == evo.train.steps_per_round
+
+
+def test_efficiency_table_compares_images_actually_bought():
+    sci = _science()
+    runs = [{"arm": "random", "budget": 100, "heldout": 0.4, "images_bought": 100},
+            {"arm": "random", "budget": 400, "heldout": 0.6, "images_bought": 400},
+            {"arm": "evolve", "budget": 100, "heldout": 0.5, "images_bought": 90},
+            {"arm": "evolve", "budget": 100, "heldout": 0.5, "images_bought": 110},
+            {"arm": "evolve", "budget": 400, "heldout": 0.7, "images_bought": 300},
+            {"arm": "evolve", "budget": 50, "heldout": 0.3, "images_bought": 50}]
+    summary = sci.summarize([{**r, "teachers": {"a": 0.5}} for r in runs])
+    assert summary["evolve@100"]["images"] == 100 and summary["evolve@100"]["n"] == 2
+    low, mid, high = sci.efficiency_table(summary)
+    assert low["random_needs"] == 100 and low["ratio_at_most"]  # random's smallest budget already does it
+    assert mid["random_needs"] == pytest.approx(250) and mid["ratio"] == pytest.approx(2.5)
+    assert high["random_needs"] is None and high["ratio"] is None  # random sampling never got there
 
 
 @pytest.mark.integration

@@ -79,3 +79,38 @@ def test_a_restarted_worker_gets_the_current_data_for_a_forgotten_version():
         ans = await f.poll(0, 0, None)  # step 0 was v0, whose shards are gone
         assert ans["version"] == 4 and ans["shard"] == "v4"
     run(go())
+
+
+def test_lockstep_snapshots_after_n_steps_and_holds_until_the_next_version():
+    async def go():
+        f = Feed(world_size=2, lockstep_steps=20)
+        f.publish(0, ["a0", "b0"])
+        for step in (0, 10):
+            assert not (await f.poll(0, step, None if step == 0 else 0))["hold"]
+            await f.poll(1, step, None if step == 0 else 0)
+        a0 = await f.poll(0, 20, 0)
+        assert a0["snapshot"] and a0["hold"]  # nobody asked for it: lockstep writes it anyway
+        assert (await f.poll(1, 20, 0))["hold"]
+        held = [asyncio.create_task(f.poll(r, 20, 0, held=True)) for r in (0, 1)]
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in held)  # the loop has not published v1 yet
+        f.publish(1, ["a1", "b1"])
+        got = await asyncio.wait_for(asyncio.gather(*held), 2)
+        assert [g["shard"] for g in got] == ["a1", "b1"] and not got[0]["hold"]
+        assert f.first_step == {0: 0, 1: 20}  # v1 gets its 20 steps from step 20
+        late = asyncio.create_task(f.poll(0, 40, 1))
+        assert (await late)["hold"]
+        waiting = asyncio.create_task(f.poll(0, 40, 1, held=True))
+        await asyncio.sleep(0.1)
+        f.finish()  # stop releases a held trainer
+        assert (await asyncio.wait_for(waiting, 2))["stop"]
+    run(go())
+
+
+def test_lockstep_needs_steps_on_poll_boundaries():
+    from evolve.config import TrainConfig
+
+    with pytest.raises(ValueError, match="multiple of poll_every"):
+        TrainConfig(lockstep=True, steps_per_round=25, poll_every=10)
+    with pytest.raises(ValueError, match="lockstep_steps must be >= 1"):
+        Feed(world_size=1, lockstep_steps=0)

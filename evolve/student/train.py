@@ -181,12 +181,12 @@ def train_loop_per_worker(config: dict) -> None:
     def progress() -> dict:
         """Where training stands, for the feed (the loop's view of the trainer)."""
         return {"step": step, "total_steps": total, "train_s": time.perf_counter() - t_start,
-                "data_wait_s": data["wait_s"], "loss": state.get("loss")}
+                "data_wait_s": data["wait_s"], "loss": state.get("loss"), "images_per_s": state.get("images_per_s")}
 
-    def poll_feed() -> dict:
+    def poll_feed(held: bool = False) -> dict:
         """Swap in a newly published dataset version; the feed's answer."""
         t = time.perf_counter()
-        ans = ray.get(feed.poll.remote(rank, step, data["version"], progress() if rank == 0 else None))
+        ans = ray.get(feed.poll.remote(rank, step, data["version"], progress() if rank == 0 else None, held))
         if ans["shard"] is not None:
             use_shard(ans["shard"])
             data["version"] = ans["version"]
@@ -238,6 +238,8 @@ def train_loop_per_worker(config: dict) -> None:
                     write_snapshot(metrics)
                 report(metrics, True)  # every rank reports; the snapshot is a resume point too
                 checkpointed = True
+            if ans.get("hold") and not ans["stop"]:  # lockstep: this version has had its steps
+                ans = poll_feed(held=True)
             if ans["stop"]:
                 break
         prompts, images = data["prompts"], data["images"]
@@ -269,7 +271,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "images_per_s": seen / max(now - t_last, 1e-9), "lr": lr_at(total - 1),
                        "epoch": step * local_bs / len(prompts), "data_wait_s": data["wait_s"],
                        "train_s": now - t_start}
-            state["loss"] = metrics["loss"]
+            state["loss"], state["images_per_s"] = metrics["loss"], metrics["images_per_s"]
             ckpt = last or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
             report(metrics, bool(ckpt))
             checkpointed = bool(ckpt)
