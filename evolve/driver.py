@@ -513,6 +513,10 @@ class EvolveRun:
             if repeat or p not in prompts:
                 prompts.append(p)
         records = self.acquire(svc, [evolution.NewPrompt(p, "seed") for p in prompts], 0)
+        if len(records) < self.cfg.train.num_workers:
+            raise RuntimeError(f"seed set: the teachers delivered {len(records)} of {len(prompts)} prompts, "
+                               f"fewer than the {self.cfg.train.num_workers} training workers (see the "
+                               f"warnings above and the job log {self.folder.root / 'ledger.jobs.jsonl'})")
         self.versions.write(0, records, {"round": 0})
         self.say(f"seed set: {len(records)} prompts, version v0000")
 

@@ -112,9 +112,9 @@ def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_pa
     env, _, _, gcs = ray_head
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["rounds"] = 2
-    with TeacherServersThread(cfg["teachers"], 32) as servers:
-        urls = servers.urls()
-        cfg["teachers"] = [{**t, "kind": "openai", "base_url": urls[t["name"]], "model": "shapes"}
+    servers = TeacherServersThread(cfg["teachers"], 32)
+    with servers as urls:
+        cfg["teachers"] = [{**t, "kind": "openai", "base_url": urls[t["name"]], "model": t["name"]}
                            for t in cfg["teachers"]]
         config = tmp_path / "tiny-remote.yaml"
         config.write_text(yaml.safe_dump(cfg))
