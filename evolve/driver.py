@@ -12,9 +12,11 @@ the first round whose statistics are missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from evolve import evolution
 from evolve.config import RunConfig, StudentConfig
@@ -379,6 +382,7 @@ class EvolveRun:
         self.heldout = [p.text for p in heldout_set(cfg.heldout_per_category)]
         # The same seeds score the student every round and the teachers at the end.
         self.heldout_seeds = [stable_seed("heldout", i) for i in range(len(self.heldout))]
+        self.phases: dict[str, float] = {}
 
     # -- setup / resume -------------------------------------------------------
     def _check_config(self) -> None:
@@ -402,6 +406,19 @@ class EvolveRun:
         return r
 
     # -- pieces -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Add the time spent inside to this round's `phases[name]`: heldout_s
+        (scoring), sample_s (student images of judged prompts), judge_s
+        (discriminating them), expand_s (variants, mutations), teachers_s
+        (buying new prompts' images), select_s (the judge picking each one's
+        best image), publish_s (writing the version, handing it to the trainer)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
+
     def log_verdicts(self, tag: str, entries: list[dict]) -> None:
         """The judge's answers (raw and parsed) beside the samples they decided,
         in `verdicts/<tag>.json`; written whole, so a resumed round rewrites it."""
@@ -470,7 +487,8 @@ class EvolveRun:
         if not cands:
             return []
         seeds = [self.candidate_seed(c, rnd) for c in cands]
-        bought = svc.buy([(c.prompt, s) for c, s in zip(cands, seeds)])
+        with self.phase("teachers_s"):
+            bought = svc.buy([(c.prompt, s) for c, s in zip(cands, seeds)])
         keep, reqs, refs = [], [], []
         for i, c in enumerate(cands):
             ok = {t: res[i] for t, res in bought.items() if "ref" in res[i]}
@@ -489,7 +507,8 @@ class EvolveRun:
                                             reason="picked at random (evolution.select: random)")
                         for q, r in zip(reqs, refs)]
         else:
-            verdicts = svc.discriminate(reqs)
+            with self.phase("select_s"):
+                verdicts = svc.discriminate(reqs)
         out = evolution.select_records(
             [cands[i] for i in keep], [seeds[i] for i in keep], verdicts, refs,
             [parse(cands[i].prompt).category for i in keep], rnd)
@@ -529,17 +548,20 @@ class EvolveRun:
     def judge_round(self, svc: Services, records: list[Record], ckpt: str, rnd: int):
         rng = np.random.default_rng(stable_seed(self.cfg.seed, "eval", rnd))
         judged = evolution.choose_eval_records(records, self.cfg.evolution, rng)
-        student = sample_student(self.cfg, ckpt, [r.prompt for r in judged], [r.seed for r in judged])
+        with self.phase("sample_s"):
+            student = sample_student(self.cfg, ckpt, [r.prompt for r in judged], [r.seed for r in judged])
         # All teachers' images of these prompts were bought when the prompt joined:
         # the gateways answer from the ledger, nothing is paid again.
-        bought = svc.buy([(r.prompt, r.seed) for r in judged])
+        with self.phase("teachers_s"):
+            bought = svc.buy([(r.prompt, r.seed) for r in judged])
         reqs = []
         for i, r in enumerate(judged):
             imgs = [TeacherImage(teacher=t, image=self.store.get(res[i]["ref"]))
                     for t, res in bought.items() if "ref" in res[i]]
             reqs.append(DiscriminateRequest(prompt=r.prompt, student_image=student[i], teacher_images=imgs))
         latencies: list[float] = []
-        verdicts = svc.discriminate(reqs, latencies)
+        with self.phase("judge_s"):
+            verdicts = svc.discriminate(reqs, latencies)
         self.metrics.judged(latencies)
         self.save_judge_grid(rnd, judged, reqs, verdicts)
         self.log_verdicts(f"judge_{rnd:03d}", [
@@ -573,14 +595,15 @@ class EvolveRun:
                rnd: int) -> tuple[list[Record], list[Record]]:
         by_id = {r.id: r for r in records}
         training = sorted({r.prompt for r in records})
-        expansions = dict(zip(plan.expand_ids, svc.ask_judge("expand", [ExpandRequest(
-            prompt=by_id[rid].prompt, k=self.cfg.evolution.expand_k, seed=stable_seed(rid, rnd),
-            avoid_prompts=training) for rid in plan.expand_ids])))
-        mutation = None
-        if plan.mutate and self.cfg.evolution.mutate_n > 0:
-            mutation = svc.ask_judge("mutate", [MutateRequest(
-                avoid_prompts=training, n=self.cfg.evolution.mutate_n,
-                seed=stable_seed(self.cfg.seed, "mutate", rnd))])[0]
+        with self.phase("expand_s"):
+            expansions = dict(zip(plan.expand_ids, svc.ask_judge("expand", [ExpandRequest(
+                prompt=by_id[rid].prompt, k=self.cfg.evolution.expand_k, seed=stable_seed(rid, rnd),
+                avoid_prompts=training) for rid in plan.expand_ids])))
+            mutation = None
+            if plan.mutate and self.cfg.evolution.mutate_n > 0:
+                mutation = svc.ask_judge("mutate", [MutateRequest(
+                    avoid_prompts=training, n=self.cfg.evolution.mutate_n,
+                    seed=stable_seed(self.cfg.seed, "mutate", rnd))])[0]
         self.log_verdicts(f"evolve_{rnd:03d}", [
             {"op": "expand", "record_id": rid, **e.model_dump(mode="json")} for rid, e in expansions.items()
         ] + ([{"op": "mutate", **mutation.model_dump(mode="json")}] if mutation is not None else []))
@@ -608,6 +631,9 @@ class EvolveRun:
         trainer, stop = None, "rounds"
         continuous = cfg.train.schedule == "continuous"
         final_path = self.folder.rounds / f"final_v{cfg.rounds:04d}.json"
+        # A progress bar on a terminal; none in logs, CI or `ray job submit` output.
+        bar = tqdm(total=cfg.rounds, initial=min(start, cfg.rounds), desc="rounds", unit="round",
+                   disable=None if not os.environ.get("CI") else True)
         try:
             try:
                 if self.versions.latest() is None:
@@ -622,6 +648,7 @@ class EvolveRun:
                     trainer.publish(start, self.versions.read(start))
                 for rnd in range(start, cfg.rounds):
                     init = self.play_round(svc, rnd, init, trainer)
+                    bar.update(1)
                     reason = self.stop_reason(svc, rnd, t0)
                     if reason is not None and rnd + 1 < cfg.rounds:
                         stop = reason
@@ -640,6 +667,7 @@ class EvolveRun:
                 trainer, closing = None, trainer
                 closing.close()
             final = json.loads(final_path.read_text()) if continuous and final_path.exists() else None
+            bar.close()
             report = self.final_report(svc, time.time() - t0, final, stop)
         finally:
             if trainer is not None:  # an error on the way: stop training, keep the error
@@ -691,29 +719,23 @@ class EvolveRun:
             snap = trainer.weights_after(rnd, cfg.train.steps_per_round, self.folder.checkpoint(rnd))
             ckpt = str(self.folder.checkpoint(rnd))
             timing = {"trainer_step": snap["step"], "waited_for_trainer_s": round(time.time() - t, 1)}
-        phases = {}  # where the round's time goes
-
-        def timed(name, fn, *args):
-            t0 = time.time()
-            out = fn(*args)
-            phases[name] = round(time.time() - t0, 1)
-            return out
-
-        acc = timed("heldout_s", self.score_heldout, ckpt, rnd)
+        self.phases = {}  # where the round's time goes: see `phase`
+        with self.phase("heldout_s"):
+            acc = self.score_heldout(ckpt, rnd)
         if cfg.evolution.strategy == "random":  # the baseline: no judge, the data stays as bought
             plan, stats = evolution.RoundPlan((), (), False), evolution.RoundStats()
             nxt, added = records, []
         else:
-            judged, plan, stats = timed("judge_s", self.judge_round, svc, records, ckpt, rnd)
+            judged, plan, stats = self.judge_round(svc, records, ckpt, rnd)
             # The last round evolves too: its version is the run's evolved dataset,
             # and a run resumed with more rounds trains on it.
-            nxt, added = timed("evolve_s", self.evolve, svc, records, plan, rnd)
-        t0 = time.time()
-        if self.versions.latest() == rnd:  # a resumed round may have written it already
-            self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
-        if trainer is not None:
-            trainer.publish(rnd + 1, self.versions.read(rnd + 1))
-        phases["publish_s"] = round(time.time() - t0, 1)
+            nxt, added = self.evolve(svc, records, plan, rnd)
+        with self.phase("publish_s"):
+            if self.versions.latest() == rnd:  # a resumed round may have written it already
+                self.versions.write(rnd + 1, nxt, {"round": rnd + 1})
+            if trainer is not None:
+                trainer.publish(rnd + 1, self.versions.read(rnd + 1))
+        phases = {k: round(v, 2) for k, v in self.phases.items()}
         teachers = svc.teacher_stats()
         row = {
             "round": rnd,

@@ -40,7 +40,8 @@ def test_tiny_run_end_to_end_and_resume(ray_local, tmp_path):
     final = json.loads((run / "rounds" / "final_v0002.json").read_text())
     assert report["student"]["final"] == final["heldout"] and final["version"] == 2
     assert final["trainer_step"] > rounds[-1]["trainer_step"]
-    assert set(rounds[0]["phases"]) == {"heldout_s", "judge_s", "evolve_s", "publish_s"}
+    assert set(rounds[0]["phases"]) == {"heldout_s", "sample_s", "teachers_s", "judge_s", "expand_s", "select_s",
+                                         "publish_s"}
 
     versions = DatasetVersions(run / "datasets")
     assert versions.versions() == [0, 1, 2]
