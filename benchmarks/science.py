@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -99,8 +100,11 @@ def arm_config(base: RunConfig, arm: str, budget: int, seed: int) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
-def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: int) -> dict:
-    """One arm, or its stored result."""
+def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: int,
+            keep_checkpoints: bool = False) -> dict:
+    """One arm, or its stored result. A finished arm's student checkpoints
+    (~330 MB an arm) are deleted unless `keep_checkpoints`; its report, rounds,
+    verdicts, datasets and images stay."""
     from evolve.driver import EvolveRun
     from evolve.ledger import Ledger
 
@@ -126,6 +130,9 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
               "wall_s": round(time.time() - t0, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
+    if not keep_checkpoints:
+        for d in (run.folder.checkpoints, run.folder.train_storage):
+            shutil.rmtree(d, ignore_errors=True)
     return result
 
 
@@ -210,7 +217,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Path,
-              budgets: tuple[int, ...] = BUDGETS) -> dict:
+              budgets: tuple[int, ...] = BUDGETS, keep_checkpoints: bool = False) -> dict:
     """Run (or read back) every arm of `suite`; write and return the summary.
     Uses the Ray instance already started in this process, if any."""
     import ray
@@ -226,7 +233,7 @@ def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Pat
         # Seed by seed: a suite stopped part-way has every arm at the same seeds.
         for seed in range(1 if quick else seeds):
             for arm, budget in suite_arms(suite, base, quick, budgets):
-                results.append(run_arm(out, base, arm, budget, seed, free_port()))
+                results.append(run_arm(out, base, arm, budget, seed, free_port(), keep_checkpoints))
     finally:
         if started:
             ray.shutdown()
@@ -247,9 +254,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "science")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
                     help="efficiency suite: image budgets, comma-separated")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished arm's student checkpoints (~330 MB an arm here)")
     args = ap.parse_args()
     budgets = tuple(int(b) for b in args.budgets.split(","))
-    out = run_suite(args.suite, args.seeds, args.quick, args.config, args.out, budgets)
+    out = run_suite(args.suite, args.seeds, args.quick, args.config, args.out, budgets, args.keep_checkpoints)
     for key, row in out["arms"].items():
         print(f"{key:28s} n={row['n']}  held-out {row['mean']:.1%} +- {row['sd']:.1%}")
     for row in out["efficiency"]:

@@ -96,14 +96,14 @@ def test_stops_write_a_report_and_a_resumed_run_finishes(ray_local, tmp_path, mo
     from evolve.driver import EvolveRun
 
     cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
-        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 3,
+        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 2,
                 "max_wall_s": 0.5})
     run = tmp_path / "run"
     said: list[str] = []
     rep = EvolveRun(cfg, progress=said.append).run()
     assert rep["stopped"] == "wall_clock" and [r["round"] for r in rep["rounds"]] == [0]
     assert any("stopping after round 0: max_wall_s passed" in m for m in said)
-    assert (run / "report.html").exists() and not (run / "rounds" / "final_v0003.json").exists()
+    assert (run / "report.html").exists() and not (run / "rounds" / "final_v0002.json").exists()
     assert_consistent(run)
 
     # Ctrl-C in the middle of round 1 (after the student was judged, before evolution).
@@ -120,8 +120,8 @@ def test_stops_write_a_report_and_a_resumed_run_finishes(ray_local, tmp_path, mo
 
     monkeypatch.setattr(EvolveRun, "evolve", real_evolve)
     rep = EvolveRun(cfg.model_copy(update={"max_wall_s": None}), progress=said.append).run()
-    assert rep["stopped"] == "rounds" and [r["round"] for r in rep["rounds"]] == [0, 1, 2]
-    assert (run / "rounds" / "final_v0003.json").exists()
+    assert rep["stopped"] == "rounds" and [r["round"] for r in rep["rounds"]] == [0, 1]
+    assert (run / "rounds" / "final_v0002.json").exists()
     assert_consistent(run)
     assert (run / "rounds" / "round_000.json").read_text() == round0  # finished rounds are not redone
 
