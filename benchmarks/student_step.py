@@ -49,9 +49,12 @@ def bench(cfg: StudentConfig, batch: int, steps: int) -> dict:
             "sample16_s": time.perf_counter() - t0, "sample_steps": sc.steps}
 
 
-def bench_ray(steps: int, batch: int) -> None:
-    """The real loop: fit_student with TrainConfig defaults (2 workers x 0.5 CPU,
-    1 torch thread each, DDP over gloo) on 256 reference renders."""
+def bench_ray(steps: int, batch: int, plain_s_per_step: float | None = None) -> None:
+    """The real loop: fit_student on 256 reference renders, in two layouts of
+    this machine's 2 cores: one worker with 2 torch threads (the same as the
+    plain loop above, so the difference is Ray Train's cost), and the default
+    2 DDP workers x 1 thread over gloo. Replay is off so that both loops train
+    the same batches; `data_wait_s / train_s` is the data-loader stall fraction."""
     import json
     import os
     import tempfile
@@ -71,18 +74,24 @@ def bench_ray(steps: int, batch: int) -> None:
     rng = np.random.default_rng(0)
     prompts = [sample_prompt(rng).text for _ in range(256)]
     ds = ray.data.from_items([{"prompt": p, "image": to_png(render(p, i, 32))} for i, p in enumerate(prompts)])
-    tcfg = TrainConfig(batch_size=batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        out = fit_student(ds, student_cfg=StudentConfig(), train_cfg=tcfg, steps=steps, storage_path=tmp,
-                          name="bench", out_dir=f"{tmp}/ckpt")
-        wall = time.perf_counter() - t0
-        st = json.loads(open(f"{out}/state.json").read())
+    layouts = [dict(num_workers=1, cpus_per_worker=1.0, torch_threads=2),
+               dict(num_workers=2, cpus_per_worker=0.5, torch_threads=1)]
+    for layout in layouts:
+        tcfg = TrainConfig(batch_size=batch, replay_fraction=0.0, worker_nice=0, **layout)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            out = fit_student(ds, student_cfg=StudentConfig(), train_cfg=tcfg, steps=steps, storage_path=tmp,
+                              name="bench", out_dir=f"{tmp}/ckpt")
+            wall = time.perf_counter() - t0
+            st = json.loads(open(f"{out}/state.json").read())
+        per_step = st["train_s"] / steps
+        vs = "" if plain_s_per_step is None else f", {per_step / plain_s_per_step - 1:+.1%} vs the plain loop"
+        print(f"ray fit: {tcfg.num_workers} worker(s) x {tcfg.torch_threads} thread(s), batch {batch}, "
+              f"{steps} steps: train loop {st['train_s']:.1f} s ({per_step:.3f} s/step, "
+              f"{batch * steps / st['train_s']:.1f} img/s{vs}), data stall "
+              f"{st.get('data_wait_s', 0.0) / st['train_s']:.1%}, fit() wall {wall:.1f} s "
+              f"(start-up and checkpoint {wall - st['train_s']:.1f} s)", flush=True)
     ray.shutdown()
-    print(f"ray fit: {tcfg.num_workers} workers x {tcfg.cpus_per_worker} CPU, batch {batch}, {steps} steps: "
-          f"train loop {st['train_s']:.1f} s ({st['train_s'] / steps:.3f} s/step, "
-          f"{batch * steps / st['train_s']:.1f} img/s), fit() wall {wall:.1f} s "
-          f"(start-up and checkpoint {wall - st['train_s']:.1f} s)")
 
 
 def main() -> None:
@@ -102,12 +111,14 @@ def main() -> None:
     rows = {"unet (default)": base, "pixart": StudentConfig(**pix)}
     print(f"threads={args.threads} batch={args.batch} image={args.image_size}x{args.image_size} fp32")
     print(f"{'arch':16s} {'params':>8s} {'s/step':>8s} {'img/s':>8s} {'sample 16 img':>14s}")
+    plain = None
     for name, cfg in rows.items():
         r = bench(cfg, args.batch, args.steps)
+        plain = plain or r["s_per_step"]  # the default (UNet) student's, for the Ray comparison
         print(f"{name:16s} {r['params_M']:7.2f}M {r['s_per_step']:8.3f} {r['images_per_s']:8.1f} "
               f"{r['sample16_s']:12.2f} s ({r['sample_steps']} steps)", flush=True)
     if args.ray:
-        bench_ray(max(args.steps, 20), args.batch)
+        bench_ray(max(args.steps, 20), args.batch, plain if args.threads == 2 else None)
 
 
 if __name__ == "__main__":

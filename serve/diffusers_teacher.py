@@ -66,7 +66,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from evolve.config import _Strict
-from serve.edgen import ApiError, Edgen, ImagesRequest, parse_images_request
+from serve.edgen import ApiError, Edgen, ImagesRequest, model_list, parse_images_request
 
 app = FastAPI(title="Diffusers teacher", docs_url=None, redoc_url=None)
 log = logging.getLogger("ray.serve")
@@ -257,8 +257,7 @@ class DiffusersTeacher:
             self._authorize(request)
         except ApiError as e:
             return e.response()
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "evolve-director"}]}
+        return model_list(self.cfg.model_name, self.created)
 
     @app.get("/health")
     async def health(self):

@@ -87,6 +87,12 @@ def _first_error(e: ValidationError) -> ApiError:
     return ApiError(400, f"{param}: {err['msg']}", param, "invalid_value")
 
 
+def model_list(model_id: str, created: int) -> dict:
+    """The OpenAI `GET /v1/models` answer for a server of one model."""
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                        "owned_by": "evolve-director"}]}
+
+
 def parse_images_request(body: bytes, model_name: str, max_n: int, max_prompt_chars: int) -> ImagesRequest:
     """An OpenAI Images request body, checked as every server here checks it: JSON
     object, known fields, a non-empty prompt within `max_prompt_chars` (stripped),
@@ -195,8 +201,7 @@ class Edgen:
             self._authorize(request)
         except ApiError as e:
             return e.response()
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "evolve-director"}]}
+        return model_list(self.cfg.model_name, self.created)
 
     @app.get("/generate")
     async def generate(self, request: Request, prompt: str = "", seed: int = 0):
