@@ -306,3 +306,43 @@ def test_run_finishes_when_the_judge_replica_is_killed_mid_round(ray_local, tmp_
     judged = json.loads((run / "verdicts" / "judge_000.json").read_text())
     assert len(judged) == rep["rounds"][0]["judged"] > 0
     assert all(e["verdict"]["decided"] for e in judged)
+
+
+def test_stop_reasons(tmp_path):
+    """After each round: a reached target, a passed wall clock, or a budget with
+    nothing left to buy stops the run (in that order of precedence)."""
+    import time
+
+    from evolve.dataset import write_json_atomic
+    from evolve.driver import EvolveRun
+    from evolve.ledger import Ledger
+
+    class Spent:
+        def __init__(self, spent):
+            self.spent = spent
+
+        def teacher_stats(self):
+            return {t: {"spent": self.spent.get(t, 0.0)} for t in ("aurora", "brush", "canvas")}
+
+    def reason(svc=Spent({}), t0=None, **cfg):
+        run = EvolveRun(RunConfig(run_dir=tmp_path / "run", **cfg), progress=lambda *_: None)
+        run.folder.make()
+        write_json_atomic(run.folder.round_stats(0), {"heldout": {"overall": 0.6}})
+        return run.stop_reason(svc, 0, time.time() if t0 is None else t0)
+
+    assert reason() is None
+    assert reason(target_heldout=0.6) == "target" and reason(target_heldout=0.7) is None
+    assert reason(max_wall_s=10, t0=time.time() - 11) == "wall_clock" and reason(max_wall_s=10) is None
+    assert reason(target_heldout=0.5, max_wall_s=1, t0=0) == "target"
+    # $0.09 buys a new prompt from all three teachers
+    assert reason(Spent({"aurora": 0.95}), budget=1.0) == "budget"
+    assert reason(Spent({"aurora": 0.9}), budget=1.0) is None
+    assert reason(Spent({"aurora": 0.95}), budget=1.0, stop_when_spent=False) is None
+    assert reason(Spent({"aurora": 0.95}), budget=1.0, evolution={"strategy": "random"}) is None
+    ledger = Ledger(tmp_path / "run" / "ledger.jsonl")
+    for i in range(8):
+        ledger.record({"teacher": "aurora", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.0})
+    assert reason(max_images=10) == "budget" and reason(max_images=11) is None  # 3 images a prompt
+    teachers = [{"name": n, "budget": 1.0, "price_per_image": 0.5} for n in ("aurora", "brush", "canvas")]
+    assert reason(Spent({"aurora": 0.6, "brush": 0.6, "canvas": 0.6}), teachers=teachers) == "budget"
+    assert reason(Spent({"aurora": 0.6, "brush": 0.6}), teachers=teachers) is None
