@@ -1,0 +1,216 @@
+"""Frozen VAE/T5 encoders and the precomputed-feature store (tiny random models, offline)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+# Nothing here may reach a hub; the tiny encoders are built from config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from evolve.shapes.render import render, to_png  # noqa: E402
+from evolve.store import ImageStore  # noqa: E402
+from evolve.student.encoders import (  # noqa: E402
+    EncoderConfig, FeatureStore, FrozenEncoders, precompute_local)
+
+PROMPTS = ["a red circle", "two squares", "a yellow circle and a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def encoders() -> FrozenEncoders:
+    # batch_size 2: every multi-image call below crosses a batch boundary.
+    return FrozenEncoders.load(EncoderConfig(batch_size=2))
+
+
+def _images(n: int, size: int) -> np.ndarray:
+    return np.stack([render(PROMPTS[i % len(PROMPTS)], seed=i, size=size) for i in range(n)])
+
+
+def _put_images(images_root, prompts, size=32) -> list[dict]:
+    store = ImageStore(images_root)
+    return [{"prompt": p, "image_ref": store.put(to_png(render(p, seed=i, size=size)))}
+            for i, p in enumerate(prompts)]
+
+
+def test_tiny_encoders_load_frozen(encoders):
+    assert encoders.latent_channels == 4
+    assert encoders.vae_scale_factor == 8  # like SD-VAE
+    assert encoders.text_dim == 32
+    assert encoders.scaling_factor == pytest.approx(0.18215)
+    for model in (encoders.vae, encoders.text_encoder):
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_latent_shape(encoders, size):
+    z = encoders.encode_images(_images(3, size))
+    assert z.shape == (3, 4, size // 8, size // 8)
+    assert z.dtype == np.float16
+    assert np.isfinite(z).all()
+
+
+def test_rejects_sizes_the_vae_cannot_halve(encoders):
+    with pytest.raises(ValueError, match="scale factor 8"):
+        encoders.encode_images(np.zeros((1, 36, 36, 3), np.uint8))
+
+
+def test_round_trip_runs(encoders):
+    images = _images(3, 32)
+    back = encoders.decode_latents(encoders.encode_images(images))
+    # Random weights: only the contract (shape, dtype), not the quality.
+    assert back.shape == images.shape and back.dtype == np.uint8
+
+
+def test_deterministic_across_calls_and_loads(encoders):
+    images = _images(2, 32)
+    a = encoders.encode_images(images)
+    np.testing.assert_array_equal(a, encoders.encode_images(images))
+    # Each Ray actor loads its own tiny encoders: they must be the same weights.
+    again = FrozenEncoders.load(EncoderConfig(batch_size=2))
+    np.testing.assert_array_equal(a, again.encode_images(images))
+    e1, _ = encoders.encode_prompts(PROMPTS)
+    e2, _ = again.encode_prompts(PROMPTS)
+    np.testing.assert_array_equal(e1, e2)
+
+
+def test_prompt_embeddings(encoders):
+    long = " ".join(["red"] * 200)
+    emb, mask = encoders.encode_prompts(PROMPTS + [long])
+    assert emb.shape == (4, 120, 32) and emb.dtype == np.float16
+    assert mask.shape == (4, 120) and mask.dtype == bool
+    # Words plus T5's closing </s>; the long prompt is cut at max_tokens.
+    assert mask.sum(1).tolist() == [len(p.split()) + 1 for p in PROMPTS] + [120]
+    assert (emb[~mask] == 0).all()
+    assert (np.abs(emb[mask]).sum(-1) > 0).all()
+    assert mask[:, 0].all() and not mask[0, 4:].any()  # padded on the right
+
+
+def test_unknown_config_key_rejected():
+    with pytest.raises(ValidationError):
+        EncoderConfig(vae_folder="x")
+
+
+def test_feature_store_atomic_idempotent_and_safe(tmp_path):
+    store = FeatureStore(tmp_path)
+    ref = "ab" * 32
+    z = np.arange(16, dtype=np.float16).reshape(1, 4, 2, 2)
+    path = store.put_latent(ref, z)
+    assert path == tmp_path / "latents" / f"{ref}.npy" and store.has_latent(ref)
+    np.testing.assert_array_equal(store.get_latent(ref), z)
+    # Idempotent: the same ref names the same image, so the file stays as it is.
+    stat = path.stat()
+    store.put_latent(ref, z + 1)
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
+    np.testing.assert_array_equal(store.get_latent(ref), z)
+
+    emb, mask = np.ones((120, 8), np.float16), np.arange(120) < 3
+    store.put_text("one red circle", emb, mask)
+    assert store.has_text("one red circle") and not store.has_text("two red circles")
+    e, m = store.get_text("one red circle")
+    np.testing.assert_array_equal(e, emb)
+    np.testing.assert_array_equal(m, mask)
+
+    # A failed write leaves neither the file nor a temp file behind.
+    bad = "cd" * 32
+    with pytest.raises(ValueError):
+        store.put_latent(bad, np.array([object()], dtype=object))  # refuses to pickle
+    assert not store.has_latent(bad)
+    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == [f"{ref}.npy"]
+
+    for evil in ("../" + "ab" * 31, "ab/" + "cd" * 30, "..", "ABCD"):
+        with pytest.raises(ValueError) as err:
+            store.latent_path(evil)
+        assert repr(evil) in str(err.value)  # the error names the ref
+    with pytest.raises(KeyError):
+        store.get_latent("ef" * 32)
+    with pytest.raises(KeyError):
+        store.get_text("three cyan squares")
+
+
+def test_precompute_local_encodes_only_new_rows(tmp_path, encoders):
+    rows = _put_images(tmp_path / "images", PROMPTS)
+    feats = tmp_path / "features"
+    first = precompute_local(rows, feats, tmp_path / "images", encoders)
+    assert [r["encoded"] for r in first] == [True] * 3
+    for r in first:
+        assert os.path.isfile(r["latent_path"]) and os.path.isfile(r["text_path"])
+        assert np.load(r["latent_path"]).dtype == np.float16  # store_dtype on disk
+        assert np.load(r["latent_path"]).shape == (4, 4, 4)
+        with np.load(r["text_path"]) as z:
+            assert z["emb"].dtype == np.float16 and z["emb"].shape == (120, 32)
+            assert z["mask"].dtype == bool
+
+    again = precompute_local(rows, feats, tmp_path / "images", encoders)
+    assert [r["encoded"] for r in again] == [False] * 3
+    assert [r["latent_path"] for r in again] == [r["latent_path"] for r in first]
+
+    new = _put_images(tmp_path / "images", ["a circle left of a triangle"], size=32)
+    # Another prompt's picture: a ref the first rows do not have.
+    assert new[0]["image_ref"] not in {r["image_ref"] for r in rows}
+    third = precompute_local(rows + new, feats, tmp_path / "images", encoders)
+    assert [r["encoded"] for r in third] == [False, False, False, True]
+    # What is stored is what the encoders give for that image.
+    img = render("a circle left of a triangle", seed=0, size=32)[None]
+    np.testing.assert_array_equal(np.load(third[3]["latent_path"]), encoders.encode_images(img)[0])
+
+
+def test_store_refuses_features_of_other_encoders(tmp_path, encoders):
+    rows = _put_images(tmp_path / "images", PROMPTS[:1])
+    precompute_local(rows, tmp_path / "features", tmp_path / "images", encoders)
+    other = FrozenEncoders.load(EncoderConfig(batch_size=2, tiny_seed=1))
+    with pytest.raises(ValueError, match="tiny_seed"):
+        precompute_local(rows, tmp_path / "features", tmp_path / "images", other)
+
+
+@pytest.mark.integration
+def test_precompute_features_on_ray(ray_local, tmp_path):
+    from evolve.student.encoders import precompute_features
+
+    rows = _put_images(tmp_path / "images", PROMPTS + ["three circles", "a red circle"])
+    cfg = EncoderConfig(batch_size=2)
+    ds = ray_local.data.from_items(rows)
+    out = precompute_features(ds, str(tmp_path / "features"), str(tmp_path / "images"), cfg).take_all()
+    assert sorted(r["image_ref"] for r in out) == sorted(r["image_ref"] for r in rows)
+    for r in out:
+        assert os.path.isfile(r["latent_path"]) and os.path.isfile(r["text_path"])
+    assert all(r["encoded"] for r in out)
+    # A rerun finds everything already there.
+    again = precompute_features(ds, str(tmp_path / "features"), str(tmp_path / "images"), cfg).take_all()
+    assert not any(r["encoded"] for r in again)
+
+
+def test_encode_batch_class_without_ray(tmp_path):
+    # The Ray actor's code path, called directly: config arrives as a dict,
+    # columns as numpy arrays.
+    from evolve.student.encoders import EncodeBatch
+
+    rows = _put_images(tmp_path / "images", PROMPTS[:2])
+    fn = EncodeBatch(str(tmp_path / "features"), str(tmp_path / "images"),
+                     EncoderConfig(batch_size=2).model_dump(mode="json"))
+    batch = {"prompt": np.array([r["prompt"] for r in rows]),
+             "image_ref": np.array([r["image_ref"] for r in rows])}
+    out = fn(batch)
+    assert out["encoded"].tolist() == [True, True]
+    assert all(os.path.isfile(p) for p in out["latent_path"]) and all(os.path.isfile(p) for p in out["text_path"])
+    assert fn(batch)["encoded"].tolist() == [False, False]
+
+
+def test_loads_saved_encoders_from_a_pipeline_folder(tmp_path, encoders):
+    # The from_pretrained path, offline: the tiny encoders saved the way a
+    # PixArt pipeline repo lays them out (vae/, text_encoder/, tokenizer/).
+    encoders.vae.save_pretrained(tmp_path / "vae")
+    encoders.text_encoder.save_pretrained(tmp_path / "text_encoder")
+    encoders.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cfg = EncoderConfig(vae=str(tmp_path), vae_subfolder="vae", text_encoder=str(tmp_path),
+                        text_subfolder="text_encoder", tokenizer_subfolder="tokenizer", batch_size=2)
+    loaded = FrozenEncoders.load(cfg)
+    images = _images(2, 32)
+    np.testing.assert_array_equal(loaded.encode_images(images), encoders.encode_images(images))
+    e1, m1 = loaded.encode_prompts(PROMPTS)
+    e0, m0 = encoders.encode_prompts(PROMPTS)
+    np.testing.assert_array_equal(m1, m0)
+    np.testing.assert_array_equal(e1, e0)
