@@ -111,7 +111,12 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
     name = f"{arm}-b{budget}-s{seed}"
     path = out / "arms" / f"{name}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        report = out / "runs" / name / "report.json"
+        if "per_category" not in result and report.exists():  # arms stored before it was recorded
+            result["per_category"] = json.loads(report.read_text())["student"]["final"]["per_category"]
+            path.write_text(json.dumps(result, indent=2))
+        return result
     cfg = arm_config(base, arm, budget, seed).model_copy(
         update={"run_dir": out / "runs" / name, "serve_port": port})
     t0 = time.time()
@@ -124,6 +129,7 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
     final = student.get("final") or {}
     result = {"arm": arm, "budget": budget, "seed": seed,
               "heldout": final.get("overall", student["heldout_by_round"][-1]),
+              "per_category": final.get("per_category", {}),
               "heldout_by_round": student["heldout_by_round"],
               "images_bought": training,
               "teachers": {t: r["overall"] for t, r in report["teachers"].items()},
@@ -162,6 +168,8 @@ def summarize(results: list[dict]) -> dict:
         out[f"{a}@{b}"] = {"arm": a, "budget": b, "n": len(rs), "mean": statistics.fmean(acc),
                            "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                            "images": statistics.fmean(r["images_bought"] for r in rs),
+                           "per_category": {c: statistics.fmean(r["per_category"][c] for r in rs)
+                                            for c in rs[0].get("per_category", {})},
                            "teachers": {t: statistics.fmean(r["teachers"][t] for r in rs)
                                         for t in rs[0]["teachers"]}}
     return out
