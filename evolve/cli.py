@@ -82,8 +82,8 @@ def run(
     def _interrupt(signum, frame):  # `ray job stop` sends SIGTERM: stop like Ctrl-C, with a report
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _interrupt)
     connect()
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own (a bare exit)
     typer.echo(f"run folder: {Path(cfg.run_dir).resolve()}")
     report = EvolveRun(cfg).run()
     typer.echo(json.dumps({"final_heldout": report["student"]["final"]["overall"],

@@ -798,8 +798,14 @@ class EvolveRun:
                      stopped: str = "rounds") -> dict:
         from evolve.report import write_report
 
-        bought = svc.buy(list(zip(self.heldout, self.heldout_seeds)))
         teachers = {}
+        if stopped == "interrupted":
+            # Someone is waiting for the process to end (and `ray job stop` kills it
+            # soon): no teacher images are bought to score the teachers now.
+            self.say("teachers not scored: the run was interrupted")
+            bought = {}
+        else:
+            bought = svc.buy(list(zip(self.heldout, self.heldout_seeds)))
         for t, res in bought.items():
             imgs = [from_png(self.store.get(r["ref"])) if "ref" in r else np.zeros((1, 1, 3), np.uint8)
                     for r in res]

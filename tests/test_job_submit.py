@@ -99,11 +99,12 @@ def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
 
 @pytest.mark.integration
 def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_path):
-    """`kill -9` of the driver in the middle of round 0 (the student judged, the
-    new prompts not yet all bought), then the same command again: the run
-    finishes from where it stopped, consistent, and the ledger holds exactly the
-    images the teachers' servers billed. The teachers run here, outside the
-    cluster, so their counts outlive the driver."""
+    """SIGTERM to the driver in the middle of round 0 (what `ray job stop` sends):
+    it stops with a report. `kill -9` of the driver in the middle of round 1
+    (the student judged, the new prompts not yet all bought). Then the same
+    command again: the run finishes from where it stopped, consistent, and the
+    ledger holds exactly the images the teachers' servers billed. The teachers
+    run here, outside the cluster, so their counts outlive the driver."""
     from run_checks import assert_consistent
 
     from evolve.ledger import Ledger
@@ -122,19 +123,29 @@ def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_pa
         cmd = [str(BIN / "evolve"), "run", "--config", str(config), "--run-dir", str(run_dir),
                "--from-scratch", "--serve-port", str(free_port())]
         driver_env = {**env, "RAY_ADDRESS": gcs}
-        log = open(tmp_path / "driver.log", "wb")
-        driver = subprocess.Popen(cmd, env=driver_env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        judged = run_dir / "verdicts" / "judge_000.json"
-        deadline = time.time() + 400
-        while not judged.exists():
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.time() < deadline, "round 0 was never judged"
-            time.sleep(0.2)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-        log.close()
-        assert not (run_dir / "rounds" / "round_000.json").exists()  # killed inside round 0
+
+        def start_and_signal(rnd: int, sig: int) -> int:
+            """Start the driver; send `sig` once round `rnd` has been judged; its exit code."""
+            with open(tmp_path / f"driver_{rnd}.log", "wb") as log:
+                driver = subprocess.Popen(cmd, env=driver_env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+                judged = run_dir / "verdicts" / f"judge_{rnd:03d}.json"
+                deadline = time.time() + 400
+                while not judged.exists():
+                    assert driver.poll() is None, (tmp_path / f"driver_{rnd}.log").read_text()[-3000:]
+                    assert time.time() < deadline, f"round {rnd} was never judged"
+                    time.sleep(0.2)
+                if sig == signal.SIGKILL:
+                    os.killpg(driver.pid, sig)
+                else:
+                    os.kill(driver.pid, sig)
+                return driver.wait(timeout=180)
+
+        assert start_and_signal(0, signal.SIGTERM) == 130
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["stopped"] == "interrupted" and report["rounds"] == [] and report["teachers"] == {}
+        assert start_and_signal(1, signal.SIGKILL) == -signal.SIGKILL
+        assert not (run_dir / "rounds" / "round_001.json").exists()  # killed inside round 1
 
         done = subprocess.run(cmd, env=driver_env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
