@@ -166,6 +166,10 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
+    def to(self, device: torch.device | str) -> "EMA":
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
     def load_state_dict(self, sd: dict[str, torch.Tensor], num_updates: int | None = None) -> None:
         missing = set(self.shadow) ^ set(sd)
         if missing:
