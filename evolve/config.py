@@ -241,6 +241,8 @@ class SampleConfig(_Strict):
     steps: int = Field(20, ge=1)
     guidance: float = Field(2.0, ge=0)
     batch_size: int = Field(64, ge=1)
+    num_gpus: float = Field(0.0, ge=0, description="the loop's student sampling (held-out scoring, judged "
+                            "prompts) on a GPU: the Ray task's share of one")
 
 
 class JudgeTemplates(_Strict):
