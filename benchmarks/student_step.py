@@ -89,7 +89,7 @@ def bench_ray(steps: int, batch: int, plain_s_per_step: float | None = None) -> 
         print(f"ray fit: {tcfg.num_workers} worker(s) x {tcfg.torch_threads} thread(s), batch {batch}, "
               f"{steps} steps: train loop {st['train_s']:.1f} s ({per_step:.3f} s/step, "
               f"{batch * steps / st['train_s']:.1f} img/s{vs}), data stall "
-              f"{st.get('data_wait_s', 0.0) / st['train_s']:.1%}, fit() wall {wall:.1f} s "
+              f"{(st['feed_wait_s'] + st['batch_s']) / st['train_s']:.1%}, fit() wall {wall:.1f} s "
               f"(start-up and checkpoint {wall - st['train_s']:.1f} s)", flush=True)
     ray.shutdown()
 

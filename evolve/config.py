@@ -181,6 +181,12 @@ class StudentConfig(_Strict):
 class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional: leave CPUs for Ray Data")
+    use_gpu: bool = Field(False, description="one GPU per worker, DDP over NCCL (gloo on CPUs)")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per "
+                                               "worker, e.g. {train: 1} to land on cluster.yaml's training nodes")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="autocast of the forward pass: auto = bf16 on GPU workers, none on CPU; fp16 "
+        "(with loss scaling) needs GPUs; bf16 on a CPU works but is slow (tests)")
     batch_size: int = Field(32, ge=1, description="global batch, split across workers")
     # Fine-tuning rate: the loop starts from the shipped base; 1e-3 (the base's
     # pretraining rate) made held-out accuracy swing by +-5 points a round.
@@ -216,6 +222,13 @@ class TrainConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
+    def _fp16_needs_gpu(self) -> "TrainConfig":
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ValueError("train.mixed_precision fp16 needs use_gpu (CPU autocast has no fp16 loss "
+                             "scaling); use bf16 or no")
+        return self
+
+    @model_validator(mode="after")
     def _lockstep_on_poll_steps(self) -> "TrainConfig":
         # The trainer meets the feed only at poll steps: a version could not end on time.
         if self.lockstep and self.steps_per_round % self.poll_every:
@@ -228,6 +241,8 @@ class SampleConfig(_Strict):
     steps: int = Field(20, ge=1)
     guidance: float = Field(2.0, ge=0)
     batch_size: int = Field(64, ge=1)
+    num_gpus: float = Field(0.0, ge=0, description="the loop's student sampling (held-out scoring, judged "
+                            "prompts) on a GPU: the Ray task's share of one")
 
 
 class JudgeTemplates(_Strict):

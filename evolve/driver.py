@@ -313,6 +313,8 @@ def _sample_pngs(ckpt: str | None, prompts: list[str], seeds: list[int], student
 
     torch.set_num_threads(2)
     student = load_student(ckpt) if ckpt else Student.from_config(student_cfg).eval()
+    if sample_cfg.num_gpus > 0:
+        student = student.to("cuda")
     return [to_png(i) for i in sample(student, prompts, seeds, sample_cfg)]
 
 
@@ -329,7 +331,8 @@ def sample_student(cfg: RunConfig, checkpoint: str | None, prompts: list[str], s
     if _sample_task is None:
         # Half a CPU: on 2 CPUs it must fit beside the continuous trainer's workers.
         _sample_task = ray.remote(num_cpus=0.5)(_sample_pngs)
-    return ray.get(_sample_task.remote(checkpoint, prompts, seeds, cfg.student, cfg.sample))
+    task = _sample_task.options(num_gpus=cfg.sample.num_gpus) if cfg.sample.num_gpus else _sample_task
+    return ray.get(task.remote(checkpoint, prompts, seeds, cfg.student, cfg.sample))
 
 
 # --------------------------------------------------------------------------- the loop

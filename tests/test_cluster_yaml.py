@@ -35,3 +35,21 @@ def test_validation_catches_mistakes():
     bad["max_workerz"] = 3
     with pytest.raises(Exception):
         _validate(bad)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_example_configs_load_and_fit_the_cluster(name):
+    """Every shipped run config is a valid RunConfig, and a trainer placed by
+    custom resources lands on a cluster.yaml node type that has them (and GPUs
+    when it asks for GPUs)."""
+    from evolve.config import RunConfig
+
+    train = RunConfig.load(ROOT / "configs" / name).train
+    if not train.worker_resources:
+        return
+    types = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"].values()
+    fits = [t["resources"] for t in types
+            if all(t["resources"].get(k, 0) >= v for k, v in train.worker_resources.items())
+            and t["resources"].get("CPU", 0) >= train.cpus_per_worker
+            and (not train.use_gpu or t["resources"].get("GPU", 0) >= 1)]
+    assert fits, f"{name}: no node type in cluster.yaml offers {train.worker_resources}"

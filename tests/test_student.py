@@ -135,6 +135,20 @@ def test_sampler_keeps_black_background(pred):
     assert out.max() == 0
 
 
+def test_mixed_precision_choice():
+    from evolve.student.train import autocast_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype("auto", gpu) is torch.bfloat16 and autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("fp16", gpu) is torch.float16 and autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("no", gpu) is None
+    with pytest.raises(ValueError, match="fp16 needs a GPU worker"):
+        autocast_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="fp16 needs use_gpu"):
+        TrainConfig(mixed_precision="fp16")
+    assert TrainConfig(mixed_precision="fp16", use_gpu=True).use_gpu
+
+
 def test_checkpoint_files_resume_state(tmp_path):
     from evolve.student.train import load_checkpoint, save_checkpoint
 
@@ -176,7 +190,9 @@ def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
     assert Student.from_pretrained(out).config == scfg
     imgs = generate_images(out, PROMPTS[:2], [0, 1], SampleConfig(steps=2))
     assert imgs.shape == (2, 32, 32, 3)
-    # same storage_path and name: resumes from the run's checkpoint at step 2
+    # same storage_path and name: resumes from the run's checkpoint at step 2, here
+    # under bf16 autocast (the GPU default; on a CPU only to run that code path)
+    kw["train_cfg"] = tcfg.model_copy(update={"mixed_precision": "bf16"})
     fit_student(ds, steps=3, out_dir=tmp_path / "ckpt2", **kw)
     state = json.loads((tmp_path / "ckpt2" / "state.json").read_text())
     assert state["step"] == 3 and state["total_steps"] == 3 and state["run_start_total"] == 0

@@ -114,23 +114,25 @@ def sample(student, prompts: list[str], seeds: list[int], cfg: SampleConfig | No
 
 def _sample_batch(student, prompts, seeds, cfg: SampleConfig, S: int) -> np.ndarray:
     n = len(prompts)
+    dev = next(student.parameters()).device  # noise is drawn on the CPU (the same on any device), then moved
     sched = make_sample_scheduler(student.config, cfg.steps)
-    x = initial_noise(seeds, (3, S, S)) * sched.init_noise_sigma
+    x = (initial_noise(seeds, (3, S, S)) * sched.init_noise_sigma).to(dev)
     ids, mask = student.encode_prompts(prompts)
     guided = cfg.guidance != 1.0
     if guided:
         uids, umask = student.encode_prompts([""] * n)
         ids, mask = torch.cat([ids, uids]), torch.cat([mask, umask])
+    ids, mask = ids.to(dev), mask.to(dev)
     for t in sched.timesteps:
         xin = torch.cat([x, x]) if guided else x
-        tt = torch.full((xin.shape[0],), int(t), dtype=torch.long)
+        tt = torch.full((xin.shape[0],), int(t), dtype=torch.long, device=dev)
         pred = student(sched.scale_model_input(xin, t), tt, ids, mask)
         if guided:
             cond, uncond = pred.chunk(2)
             pred = uncond + cfg.guidance * (cond - uncond)
         x = sched.step(pred, t, x).prev_sample
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return img.permute(0, 2, 3, 1).contiguous().numpy()
+    return img.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 # -- EMA ---------------------------------------------------------------------
@@ -165,6 +167,10 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
+
+    def to(self, device: torch.device | str) -> "EMA":
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], num_updates: int | None = None) -> None:
         missing = set(self.shadow) ^ set(sd)

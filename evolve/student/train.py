@@ -107,6 +107,15 @@ def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float() / 127.5 - 1.0
 
 
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast dtype (None: full fp32) for TrainConfig.mixed_precision."""
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"mixed_precision fp16 needs a GPU worker, not {device}")
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
 # -- the loop ------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker loop. config: {"student": StudentConfig dict, "train":
@@ -137,10 +146,15 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
+    # The device first: EMA and optimizer state then live where the weights do
+    # (a checkpoint's tensors are copied in, whatever device they were saved from).
+    device = ray.train.torch.get_device()
+    amp = autocast_dtype(tcfg.mixed_precision, device)
     torch.manual_seed(tcfg.seed)
-    student = Student.from_config(scfg)
+    student = Student.from_config(scfg).to(device)
     ema = EMA(student, tcfg.ema_max_decay)
     opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
 
     state: dict = {}
     step = 0
@@ -172,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
         replay_order = batches(len(r_prompts), n_replay, torch.Generator().manual_seed(tcfg.seed + rank + total))
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank + 7919 * total)
     rng = random.Random(tcfg.seed * 1000 + rank + 7919 * total)
-    data = {"version": None, "wait_s": 0.0}
+    data = {"version": None, "wait_s": 0.0, "batch_s": 0.0}  # waits on the feed; assembling batches
 
     def use_shard(shard) -> None:
         data["prompts"], data["images"] = load_shard(shard, scfg.image_size)
@@ -214,7 +228,8 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, with_checkpoint: bool) -> None:
         state_now = {"step": step, "total_steps": total, "ema_updates": ema.num_updates,
                      "run_start_total": start_total, "loss": metrics.get("loss"),
-                     "images_per_s": metrics.get("images_per_s"), "train_s": time.perf_counter() - t_start}
+                     "images_per_s": metrics.get("images_per_s"), "train_s": time.perf_counter() - t_start,
+                     "feed_wait_s": data["wait_s"], "batch_s": data["batch_s"]}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -242,6 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ans = poll_feed(held=True)
             if ans["stop"]:
                 break
+        t_batch = time.perf_counter()
         prompts, images = data["prompts"], data["images"]
         idx = next(data["order"])
         batch_prompts, x = [prompts[i] for i in idx], images[idx]
@@ -249,25 +265,36 @@ def train_loop_per_worker(config: dict) -> None:
             ridx = next(replay_order)
             batch_prompts += [r_prompts[i] for i in ridx]
             x = torch.cat([x, r_images[ridx]])
-        x = to_model_range(x)
+        x = to_model_range(x.to(device, non_blocking=True))
         ids, mask = student.encode_prompts(drop_prompts(batch_prompts, tcfg.cond_drop, rng))
+        ids, mask = ids.to(device), mask.to(device)
+        data["batch_s"] += time.perf_counter() - t_batch  # the data loader's share of the step
         for g in opt.param_groups:
             g["lr"] = lr_at(total)
-        loss = training_loss(model, noise_sched, x, ids, mask, scfg.prediction_type, tcfg.t_shift, gen)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = training_loss(model, noise_sched, x, ids, mask, scfg.prediction_type, tcfg.t_shift, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:  # fp16: scaled loss, gradients unscaled before clipping
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         ema.update(student)
         step += 1
         total += 1
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read at report time: no device sync per step
         seen += len(x) * world
         last = step == steps
         if step % tcfg.report_every == 0 or last:
             now = time.perf_counter()
-            metrics = {"loss": float(np.mean(losses)), "step": step, "total_steps": total,
+            metrics = {"loss": float(torch.stack(losses).float().mean()), "step": step, "total_steps": total,
                        "images_per_s": seen / max(now - t_last, 1e-9), "lr": lr_at(total - 1),
                        "epoch": step * local_bs / len(prompts), "data_wait_s": data["wait_s"],
                        "train_s": now - t_start}
@@ -316,8 +343,10 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
             "feed": feed,
             "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
         },
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if train_cfg.use_gpu else {}),
+                                  **train_cfg.worker_resources}),
         run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
         datasets=None if dataset is None else {"train": dataset},
