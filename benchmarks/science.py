@@ -269,11 +269,12 @@ def main() -> None:
     out = run_suite(args.suite, args.seeds, args.quick, args.config, args.out, budgets, args.keep_checkpoints)
     for key, row in out["arms"].items():
         print(f"{key:28s} n={row['n']}  held-out {row['mean']:.1%} +- {row['sd']:.1%}")
+    most = max((r["images"] for r in out["arms"].values() if r["arm"] == "random"), default=0)
     for row in out["efficiency"]:
-        need = "more than it was given" if row["random_needs"] is None else (
-            f"{'at most ' if row['ratio_at_most'] else ''}{row['random_needs']:.0f}")
+        need = (f"does not reach it with up to {most:.0f} images" if row["random_needs"] is None else
+                f"needs {'at most ' if row['ratio_at_most'] else ''}{row['random_needs']:.0f} images")
         print(f"budget {row['budget']}: EvolveDirector {row['evolve']:.1%} with {row['evolve_images']:.0f} "
-              f"images; random sampling needs {need} images")
+              f"images; random sampling {need}")
 
 
 if __name__ == "__main__":
