@@ -166,7 +166,8 @@ def summarize(results: list[dict]) -> dict:
     for (a, b), rs in sorted(groups.items()):
         acc = [r["heldout"] for r in rs]
         out[f"{a}@{b}"] = {"arm": a, "budget": b, "n": len(rs), "mean": statistics.fmean(acc),
-                           "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                           "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0, "seeds": acc,
+                           "start": rs[0].get("heldout_by_round", [None])[0],
                            "images": statistics.fmean(r["images_bought"] for r in rs),
                            "per_category": {c: statistics.fmean(r["per_category"][c] for r in rs)
                                             for c in rs[0].get("per_category", {})},
@@ -208,14 +209,23 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arm, style in (("random", "o--"), ("evolve", "s-")):
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for arm, style, color in (("random", "o--", "tab:blue"), ("evolve", "s-", "tab:orange")):
         rows = sorted((r for r in summary.values() if r["arm"] == arm), key=lambda r: r["images"])
         if rows:
             ax.errorbar([r["images"] for r in rows], [100 * r["mean"] for r in rows],
-                        yerr=[100 * r["sd"] for r in rows], fmt=style, capsize=3,
-                        label="EvolveDirector" if arm == "evolve" else "random sampling")
+                        yerr=[100 * r["sd"] for r in rows], fmt=style, capsize=3, color=color,
+                        label=("EvolveDirector" if arm == "evolve" else "random sampling") + " (mean, sd)")
+            for r in rows:  # every seed, so the spread is seen, not only summarized
+                ax.scatter([r["images"]] * len(r.get("seeds", [])), [100 * a for a in r.get("seeds", [])],
+                           s=12, color=color, alpha=0.45)
+    start = next((r["start"] for r in summary.values() if r.get("start") is not None), None)
+    if start is not None:
+        ax.axhline(100 * start, color="gray", lw=1, ls=":", label="student at start")
+    budgets = sorted({r["budget"] for r in summary.values()})
     ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("teacher images bought")
     ax.set_ylabel("held-out accuracy (%)")
     ax.legend()
@@ -233,15 +243,18 @@ def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Pat
     from evolve.ray_env import free_port
 
     base = base_config(quick, config)
-    started = not ray.is_initialized()
+    todo = [(arm, budget, seed) for seed in range(1 if quick else seeds)
+            for arm, budget in suite_arms(suite, base, quick, budgets)]
+    # Ray only when an arm is left to run: a finished suite re-summarizes in a second.
+    started = not ray.is_initialized() and not all(
+        (out / "arms" / f"{a}-b{b}-s{s}.json").exists() for a, b, s in todo)
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
     try:
         # Seed by seed: a suite stopped part-way has every arm at the same seeds.
-        for seed in range(1 if quick else seeds):
-            for arm, budget in suite_arms(suite, base, quick, budgets):
-                results.append(run_arm(out, base, arm, budget, seed, free_port(), keep_checkpoints))
+        for arm, budget, seed in todo:
+            results.append(run_arm(out, base, arm, budget, seed, free_port(), keep_checkpoints))
     finally:
         if started:
             ray.shutdown()
