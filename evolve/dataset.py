@@ -183,14 +183,6 @@ def atomic_dir(path: Path | str):
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from evolve.store import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2, default=str).encode())

@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import tempfile
 from html import escape
 from pathlib import Path
 
 from evolve.report import load_rounds
+from evolve.store import write_atomic
 
 MAX_LINEAGE_ROWS = 300
 OPS = ("expand", "reseed", "mutate")
@@ -69,17 +68,7 @@ def write_html_report(folder) -> Path:
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>EvolveDirector run {escape(root.name)}</title><style>{CSS}</style></head><body>\n"
             f"<p class='nav'>{''.join(nav)}</p>\n" + "\n".join(body) + "\n</body></html>\n")
-    out = root / "report.html"
-    fd, tmp = tempfile.mkstemp(prefix=".report.html.", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other readers
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomic(root / "report.html", page.encode("utf-8"))
 
 
 # -- pieces ---------------------------------------------------------------------

@@ -14,8 +14,30 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 _REF = re.compile(r"^[0-9a-f]{64}$")
+
+
+def write_atomic(path: Path | str, data: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write `data` (bytes, or a function writing to a binary file) to `path` so
+    that a reader, or a rerun after a crash, sees the whole file or none: a temp
+    file beside it, fsynced, renamed into place. Readable like any other file
+    (mkstemp's 0600 would hide it from other users)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data) if isinstance(data, (bytes, bytearray)) else data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 class ImageStore:
@@ -41,20 +63,7 @@ class ImageStore:
         final = self.path(ref)
         if final.is_file():
             return ref
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{ref[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(final, data)
         _fsync_dir(final.parent)
         return ref
 

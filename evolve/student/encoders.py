@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from evolve.store import ImageStore
+from evolve.store import ImageStore, write_atomic
 
 # T5's own special-token ids (pad 0, eos 1, unk 2), kept by the tiny tokenizer
 # so the tiny and real text paths agree on what padding looks like.
@@ -253,25 +251,6 @@ class FrozenEncoders:
 
 # -- storage -----------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    """write(file) into a temp file beside `path`, then rename it into place: a
-    reader (or a rerun after a crash) sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:8]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def prompt_key(prompt: str) -> str:
     """A prompt's file name: 96 bits of its sha256, so any text is a safe name."""
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:24]
@@ -304,7 +283,7 @@ class FeatureStore:
     def put_latent(self, ref: str, latent: np.ndarray) -> Path:
         path = self.latent_path(ref)
         if not path.is_file():  # a ref names its image forever: the latent never changes
-            _atomic_write(path, lambda f: np.save(f, np.asarray(latent), allow_pickle=False))
+            write_atomic(path, lambda f: np.save(f, np.asarray(latent), allow_pickle=False))
         return path
 
     def get_latent(self, ref: str) -> np.ndarray:
@@ -316,7 +295,7 @@ class FeatureStore:
     def put_text(self, prompt: str, emb: np.ndarray, mask: np.ndarray) -> Path:
         path = self.text_path(prompt)
         if not path.is_file():
-            _atomic_write(path, lambda f: np.savez(f, emb=np.asarray(emb), mask=np.asarray(mask, bool),
+            write_atomic(path, lambda f: np.savez(f, emb=np.asarray(emb), mask=np.asarray(mask, bool),
                                                    prompt=np.array(prompt)))
         return path
 
@@ -343,7 +322,7 @@ class FeatureStore:
                                  f"(field: (stored, this config)): {diff}")
             return
         # Concurrent claimants write the same text, so the last rename is harmless.
-        _atomic_write(meta, lambda f: f.write(json.dumps(ident, indent=2, sort_keys=True).encode()))
+        write_atomic(meta, lambda f: f.write(json.dumps(ident, indent=2, sort_keys=True).encode()))
 
 
 # -- precompute ----------------------------------------------------------------------------
