@@ -11,7 +11,7 @@ run: setup          ## the main job, shapes-world defaults (ARGS="--rounds 2 ...
 	.venv/bin/evolve run $(ARGS)
 
 test: setup         ## the whole test suite
-	.venv/bin/python -m pytest -q $(ARGS)
+	.venv/bin/python -m pytest -q --durations=12 $(ARGS)
 
 test-fast: setup    ## unit tests only, no Ray
 	.venv/bin/python -m pytest -q -m "not integration" $(ARGS)
