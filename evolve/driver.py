@@ -428,11 +428,13 @@ class EvolveRun:
         write_json_atomic(self.folder.verdicts / f"{tag}.json", entries)
 
     def affordable(self, svc: Services, cands: list[evolution.NewPrompt],
-                   images_per_prompt: int | None = None) -> list[evolution.NewPrompt]:
+                   images_per_prompt: int | None = None, quiet: bool = False) -> list[evolution.NewPrompt]:
         """The first candidates the run's caps still pay for: the total budget
         (`budget`, dollars) and the training images (`max_images`; every teacher
         renders every new prompt unless `images_per_prompt` says otherwise).
-        Each teacher's own budget is kept by its gateway."""
+        Each teacher's own budget is kept by its gateway. `quiet`: say nothing
+        about what was cut (a probe, not a purchase)."""
+        say = (lambda _msg: None) if quiet else self.say
         n = len(cands)
         if not cands:
             return cands
@@ -442,7 +444,7 @@ class EvolveRun:
             if per_prompt > 0:
                 n = min(n, max(0, int((self.cfg.budget - spent + 1e-9) // per_prompt)))
             if n < len(cands):
-                self.say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent, "
+                say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent, "
                          f"{n} of {len(cands)} new prompts bought")
         if self.cfg.max_images is not None:
             from evolve.ledger import Ledger
@@ -451,7 +453,7 @@ class EvolveRun:
             per = images_per_prompt or len(self.cfg.teachers)
             left = max(0, (self.cfg.max_images - bought) // per)
             if left < n:
-                self.say(f"image budget {self.cfg.max_images}: {bought} bought, {left} of {len(cands)} "
+                say(f"image budget {self.cfg.max_images}: {bought} bought, {left} of {len(cands)} "
                          f"new prompts bought")
                 n = left
         return cands[:n]
@@ -785,15 +787,10 @@ class EvolveRun:
     def spent(self, svc: Services) -> bool:
         """Nothing more can be bought: the image budget, the total budget or every
         teacher's own budget is used up (a new prompt costs one image per teacher)."""
-        from evolve.ledger import Ledger
-
         cfg = self.cfg
-        if cfg.max_images is not None and len(Ledger(self.folder.ledger)) + len(cfg.teachers) > cfg.max_images:
+        if not self.affordable(svc, [evolution.NewPrompt("", "expand")], quiet=True):  # the run's caps
             return True
         stats = svc.teacher_stats()
-        if cfg.budget is not None and (sum(s["spent"] for s in stats.values())
-                                       + sum(t.price_per_image for t in cfg.teachers) > cfg.budget + 1e-9):
-            return True
         return all(t.budget is not None and stats[t.name]["spent"] + t.price_per_image > t.budget + 1e-9
                    for t in cfg.teachers)
 
