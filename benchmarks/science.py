@@ -19,9 +19,10 @@ ablations   at one budget: deletion, expansion, mutation, multi-teacher choice
 A finished arm is kept in `<out>/arms/<name>.json` and skipped on a rerun, so
 the suite runs in parts; run folders live under `<out>/runs/`. `--quick` is a
 few-minute smoke test (tiny config, one small budget, one seed) run by CI.
-`<out>/summary.json` has every arm's mean and spread and, per budget, how many
-images random sampling needs to match EvolveDirector; `<out>/efficiency.png`
-plots the two curves.
+`<out>/summary-<suite>.json` has every arm's mean and spread and, per budget,
+how many images random sampling needs to match EvolveDirector;
+`<out>/efficiency.png` plots the two curves, `<out>/teachers.png` and
+`<out>/ablations.png` compare the arms of those suites side by side.
 """
 
 from __future__ import annotations
@@ -234,6 +235,34 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_arms(rows: list[dict], path: Path) -> None:
+    """One bar per arm (mean over seeds, sd, every seed as a dot), with the
+    teachers' own held-out accuracy and the student's start as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.8))
+    xs = range(len(rows))
+    ax.bar(xs, [100 * r["mean"] for r in rows], yerr=[100 * r["sd"] for r in rows], capsize=3,
+           color=["tab:orange" if r["arm"] == "evolve" else "tab:gray" for r in rows], alpha=0.8)
+    for x, r in zip(xs, rows):
+        ax.scatter([x] * len(r["seeds"]), [100 * a for a in r["seeds"]], s=12, color="black", zorder=3)
+    teachers = rows[0]["teachers"] if rows else {}
+    for (name, acc), ls in zip(sorted(teachers.items(), key=lambda t: -t[1]), ("-", "--", "-.", ":")):
+        ax.axhline(100 * acc, color="tab:green", lw=1, ls=ls, label=f"teacher {name}")
+    start = next((r["start"] for r in rows if r.get("start") is not None), None)
+    if start is not None:
+        ax.axhline(100 * start, color="gray", lw=1, ls=":", label="student at start")
+    ax.set_xticks(list(xs), [f"{r['arm']}\n{r['images']:.0f} img" for r in rows])
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Path,
               budgets: tuple[int, ...] = BUDGETS, keep_checkpoints: bool = False) -> dict:
     """Run (or read back) every arm of `suite`; write and return the summary.
@@ -260,9 +289,13 @@ def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Pat
             ray.shutdown()
     summary = summarize(results)
     table = efficiency_table(summary)
-    (out / "summary.json").write_text(json.dumps({"arms": summary, "efficiency": table}, indent=2))
+    (out / f"summary-{suite}.json").write_text(json.dumps({"arms": summary, "efficiency": table}, indent=2))
     if any(r["arm"] == "random" for r in summary.values()):
         plot(summary, out / "efficiency.png")
+    for name in ("teachers", "ablations"):
+        if suite in (name, "all"):
+            arms = [f"{a}@{b}" for a, b in suite_arms(name, base, quick, budgets)]
+            plot_arms([summary[k] for k in arms if k in summary], out / f"{name}.png")
     return {"arms": summary, "efficiency": table}
 
 

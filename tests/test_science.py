@@ -60,5 +60,6 @@ def test_quick_mode_runs_and_resumes(ray_local, tmp_path):
         r = json.loads((tmp_path / "arms" / f"{name}.json").read_text())
         assert 0 < r["images_bought"] <= 24, r  # the image budget holds, every image counted
     assert (tmp_path / "efficiency.png").stat().st_size > 0
+    assert json.loads((tmp_path / "summary-efficiency.json").read_text())["arms"] == arms
     again = sci.run_suite("efficiency", 1, True, None, tmp_path)  # finished arms are read back, not rerun
     assert again["arms"] == arms
