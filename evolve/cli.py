@@ -206,6 +206,29 @@ def pretrain_base_cmd(
                ", ".join(f"{c} {a:.0%}" for c, a in acc["per_category"].items()))
 
 
+@app.command("import-pixart")
+def import_pixart(
+    transformer: str = typer.Argument(..., help="diffusers PixArt pipeline folder or Hub id"),
+    out: Path = typer.Argument(..., help="student checkpoint folder to write (init_checkpoint of a run)"),
+    resolution: int = typer.Option(512, help="256, 512 or 1024: which PixArt-alpha XL/2"),
+    subfolder: Optional[str] = typer.Option("transformer", help="the transformer's folder in the pipeline"),
+    qk_norm: bool = typer.Option(False, "--qk-norm", help="add the Edgen per-head LayerNorms (start as identities)"),
+    config: Optional[Path] = typer.Option(None, help="RunConfig whose `student` to fill instead of the preset"),
+):
+    """Write a LatentStudent checkpoint holding pretrained PixArt-alpha weights."""
+    from evolve.config import StudentConfig
+    from evolve.student.convert import latent_student_from_diffusers
+
+    try:
+        student_cfg = (_load_config(config).student if config else
+                       StudentConfig.pixart_alpha_xl2(resolution, qk_norm=qk_norm))
+        student = latent_student_from_diffusers(transformer, student_cfg, subfolder=subfolder or None)
+    except (ValueError, OSError) as e:
+        _fail(f"import-pixart: {e}")
+    student.save_pretrained(out)
+    typer.echo(f"wrote {out} ({student.num_parameters() / 1e6:.1f}M parameters)")
+
+
 @app.command("serve")
 def serve_edgen(
     checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint folder (default: shipped base)"),

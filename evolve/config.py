@@ -95,6 +95,44 @@ def default_teachers() -> list[TeacherConfig]:
     ]
 
 
+class EncoderConfig(_Strict):
+    """Which frozen encoders make the student's inputs, and how they run."""
+
+    vae: str | None = Field(None, description="diffusers AutoencoderKL folder or Hub id; None: tiny random VAE")
+    vae_subfolder: str | None = None
+    text_encoder: str | None = Field(None, description="folder or Hub id with a T5 encoder and its tokenizer; "
+                                     "None: tiny random T5 and an offline word-level tokenizer")
+    text_subfolder: str | None = Field(None, description="e.g. 'text_encoder' in a PixArt pipeline repo")
+    tokenizer_subfolder: str | None = Field(None, description="e.g. 'tokenizer' in a PixArt pipeline repo")
+    max_tokens: int = Field(120, ge=1, description="PixArt-alpha's caption length")
+    # T5-v1.1 overflows in float16; on a GPU use bfloat16.
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="encoder weights")
+    device: str = Field("auto", description="'auto': cuda if available, else cpu")
+    batch_size: int = Field(32, ge=1, description="images / prompts per encoder forward")
+    num_gpus: float = Field(0.0, ge=0, description="each precompute actor's share of a GPU")
+    store_dtype: Literal["float16", "float32"] = Field("float16", description="what is written to disk")
+    # Tiny random encoders (vae / text_encoder None). Seeded so that every
+    # process (each Ray actor) builds the same weights and features agree.
+    tiny_seed: int = 0
+    tiny_latent_channels: int = Field(4, ge=1)
+    tiny_vae_channels: tuple[int, ...] = Field((8, 16, 16, 16), description="one entry per level: /8 like SD-VAE")
+    tiny_text_dim: int = Field(32, ge=1)
+    tiny_text_layers: int = Field(2, ge=1)
+    tiny_text_heads: int = Field(4, ge=1)
+
+    def identity(self) -> dict:
+        """The fields that decide what the features are (not where or how fast
+        they are computed): features from two configs mix only if these agree."""
+        return self.model_dump(mode="json", exclude={"device", "batch_size", "num_gpus"})
+
+    @classmethod
+    def pixart_alpha(cls, repo: str = "PixArt-alpha/PixArt-XL-2-512x512", **overrides) -> "EncoderConfig":
+        """PixArt-alpha's own frozen encoders, from its diffusers pipeline repo
+        (or a local copy of it): SD-VAE and T5-v1.1-XXL, in bfloat16."""
+        return cls(**{**dict(vae=repo, vae_subfolder="vae", text_encoder=repo, text_subfolder="text_encoder",
+                             tokenizer_subfolder="tokenizer", dtype="bfloat16"), **overrides})
+
+
 class StudentConfig(_Strict):
     """The student denoiser and its text encoder (built from config, no hub)."""
 
@@ -119,6 +157,8 @@ class StudentConfig(_Strict):
     vae_scale: int = Field(8, ge=1, description="image pixels per latent pixel")
     caption_channels: int | None = Field(
         None, ge=1, description="width of precomputed text embeddings (4096: T5-v1.1-XXL); None: own encoder")
+    encoders: EncoderConfig | None = Field(
+        None, description="the frozen VAE + text encoder of a latent student (latent_channels set)")
     # Text encoder over the prompt grammar's words
     vocab_size: int = Field(32, ge=4, description="embedding rows; >= grammar words + 3 specials")
     text_dim: int = 64
@@ -146,6 +186,33 @@ class StudentConfig(_Strict):
         if self.sample_size % self.patch_size and self.arch == "pixart":
             raise ValueError(f"denoiser input {self.sample_size}px does not divide by patch_size {self.patch_size}")
         return self
+
+    @model_validator(mode="after")
+    def _latent_needs_encoders(self) -> "StudentConfig":
+        # A latent student is PixArt's setup: VAE latents in, T5 captions attended
+        # to, both from frozen encoders named here (LatentStudent).
+        if self.encoders is None:
+            if self.latent_channels is not None and self.caption_channels is not None:
+                raise ValueError("a latent student (latent_channels, caption_channels) needs `encoders`: "
+                                 "EncoderConfig() for tiny ones, EncoderConfig.pixart_alpha() for PixArt's")
+            return self
+        if self.latent_channels is None or self.caption_channels is None:
+            raise ValueError("`encoders` are for latent students: set latent_channels and caption_channels too")
+        enc = self.encoders
+        want = {"max_tokens": enc.max_tokens}
+        if enc.vae is None:  # the tiny VAE's shape is known here; a real one's when it loads
+            want |= {"latent_channels": enc.tiny_latent_channels, "vae_scale": 2 ** (len(enc.tiny_vae_channels) - 1)}
+        if enc.text_encoder is None:
+            want["caption_channels"] = enc.tiny_text_dim
+        wrong = {k: (getattr(self, k), v) for k, v in want.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"student and its encoders disagree (field: (student, encoders)): {wrong}")
+        return self
+
+    @property
+    def is_latent(self) -> bool:
+        """Trained on precomputed VAE latents and caption embeddings (LatentStudent)."""
+        return self.encoders is not None
 
     @property
     def in_channels(self) -> int:
@@ -175,6 +242,7 @@ class StudentConfig(_Strict):
                     hidden_size=1152, num_layers=28, num_heads=16, patch_size=2, learn_sigma=True,
                     caption_channels=4096, max_tokens=120, prediction_type="epsilon",
                     beta_schedule="linear")
+        base["encoders"] = EncoderConfig.pixart_alpha(max_tokens=overrides.get("max_tokens", 120))
         return cls(**{**base, **overrides})
 
 

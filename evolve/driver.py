@@ -31,6 +31,7 @@ from evolve.config import RunConfig, StudentConfig
 from evolve.dataset import DatasetVersions, Record, atomic_dir, record_id, write_json_atomic
 from evolve.judging import (DiscriminateRequest, DiscriminateVerdict, ExpandRequest, MutateRequest,
                             TeacherImage)
+from evolve.ledger import Ledger
 from evolve.shapes.grammar import parse, sample_prompt
 from evolve.shapes.scorer import heldout_set, score
 from evolve.shapes.render import from_png, to_png
@@ -53,6 +54,7 @@ class RunFolder:
         self.root = Path(root).resolve()
         self.config = self.root / "config.json"
         self.images = self.root / "images"
+        self.features = self.root / "features"  # a LatentStudent's latents and captions, beside the images
         self.ledger = self.root / "ledger.jsonl"
         self.datasets = self.root / "datasets"
         self.checkpoints = self.root / "checkpoints"
@@ -81,6 +83,9 @@ def resolve_init_checkpoint(cfg: RunConfig) -> str | None:
         if not Path(cfg.init_checkpoint, "config.json").exists():
             raise FileNotFoundError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
         return str(cfg.init_checkpoint)
+    if cfg.student.is_latent:
+        raise ValueError("the shipped base student is the pixel-space shapes-world one; a latent student "
+                         "starts from init_checkpoint (e.g. PixArt-alpha's transformer) or from_scratch")
     if (BASE_CHECKPOINT / "config.json").exists():
         return str(BASE_CHECKPOINT)
     log.warning("no shipped base student at %s: starting from random weights", BASE_CHECKPOINT)
@@ -200,12 +205,21 @@ class Services:
 # --------------------------------------------------------------------------- student
 
 
-def version_dataset(folder: RunFolder, records: list[Record]):
-    """A dataset version as a Ray Dataset of {"prompt", "image" (PNG bytes)}."""
+def version_dataset(cfg: RunConfig, folder: RunFolder, records: list[Record]):
+    """A dataset version as a Ray Dataset of {"prompt", "image" (PNG bytes)};
+    for a latent student, of its precomputed features (encoded on the way
+    where missing: `latent_dataset`)."""
     import ray
 
     store_root = str(folder.images)
     rows = [{"prompt": r.prompt, "image_ref": r.image_ref} for r in records]
+    if cfg.student.is_latent:
+        from evolve.student.encoders import latent_dataset
+
+        ds = latent_dataset(rows, str(folder.features), store_root, cfg.student.encoders,
+                            min_blocks=cfg.train.num_workers)
+        ds.context.enable_progress_bars = False
+        return ds
 
     def load(batch: dict) -> dict:
         store = ImageStore(store_root)
@@ -226,9 +240,9 @@ def train_round(cfg: RunConfig, folder: RunFolder, records: list[Record], rnd: i
     from evolve.student.train import fit_student
 
     out = folder.checkpoint(rnd)
-    fit_student(version_dataset(folder, records), student_cfg=cfg.student, train_cfg=cfg.train,
+    fit_student(version_dataset(cfg, folder, records), student_cfg=cfg.student, train_cfg=cfg.train,
                 steps=cfg.train.steps_per_round, storage_path=str(folder.train_storage),
-                name=f"round_{rnd:03d}", init_checkpoint=init, out_dir=str(out))
+                name=f"round_{rnd:03d}", init_checkpoint=init, out_dir=str(out), features=folder.features)
     return out
 
 
@@ -258,14 +272,15 @@ class ContinuousTrainer:
             fit_student(None, student_cfg=self.cfg.student, train_cfg=self.cfg.train, steps=None,
                         storage_path=str(self.folder.train_storage), name="continuous",
                         init_checkpoint=self.init, feed=f"trainer-feed:{self.folder.root.name}",
-                        snapshot_dir=str(self.folder.snapshots))
+                        snapshot_dir=str(self.folder.snapshots), features=self.folder.features)
         except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
             self.error = e
 
     def publish(self, version: int, records: list[Record]) -> None:
         import ray
 
-        shards = version_dataset(self.folder, records).split(self.cfg.train.num_workers, equal=False)
+        # split() hands out whole blocks: version_dataset makes at least one per worker.
+        shards = version_dataset(self.cfg, self.folder, records).split(self.cfg.train.num_workers, equal=False)
         ray.get(self.feed.publish.remote(version, shards))
         if self.thread is None:
             self.thread = threading.Thread(target=self._fit, name="continuous-trainer", daemon=True)
@@ -309,10 +324,10 @@ def _sample_pngs(ckpt: str | None, prompts: list[str], seeds: list[int], student
 
     from evolve.student.diffusion import sample
     from evolve.student.generate import load_student
-    from evolve.student.model import Student
+    from evolve.student.model import build_student
 
     torch.set_num_threads(2)
-    student = load_student(ckpt) if ckpt else Student.from_config(student_cfg).eval()
+    student = load_student(ckpt) if ckpt else build_student(student_cfg).eval()
     if sample_cfg.num_gpus > 0:
         student = student.to("cuda")
     return [to_png(i) for i in sample(student, prompts, seeds, sample_cfg)]
@@ -447,7 +462,6 @@ class EvolveRun:
                 say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent, "
                          f"{n} of {len(cands)} new prompts bought")
         if self.cfg.max_images is not None:
-            from evolve.ledger import Ledger
 
             bought = len(Ledger(self.folder.ledger))  # every image paid for, across restarts
             per = images_per_prompt or len(self.cfg.teachers)
@@ -753,7 +767,8 @@ class EvolveRun:
             "expanded_from": len(plan.expand_ids),
             "mutated": plan.mutate,
             "added": {op: sum(1 for a in added if a.op == op) for op in ("expand", "reseed", "mutate")},
-            "images_bought": sum(s["paid_calls"] for s in teachers.values()),
+            # The ledger, not this process's counters: a resumed run counts from its start.
+            "images_bought": len(Ledger(self.folder.ledger)),
             "spend": {n: round(s["spent"], 4) for n, s in teachers.items()},
             "heldout": acc,
             **timing,

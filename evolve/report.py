@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from evolve.dataset import write_json_atomic
+from evolve.ledger import Ledger
 
 
 def load_rounds(rounds_dir: Path) -> list[dict]:
@@ -37,7 +38,9 @@ def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dic
         "teachers": teachers,
         "teacher_stats": teacher_stats,
         "rounds": rounds,
-        "total_images_bought": sum(s["paid_calls"] for s in teacher_stats.values()),
+        # Every image the run paid for, across restarts (the gateways' counters
+        # start again with each process; their `spent` is restored from the ledger).
+        "total_images_bought": len(Ledger(folder.ledger)),
         "total_spend": round(sum(s["spent"] for s in teacher_stats.values()), 4),
     }
     write_json_atomic(folder.report, report)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from evolve.dataset import DatasetVersions, Record, write_json_atomic
 from evolve.html_report import write_html_report
+from evolve.ledger import Ledger
 from evolve.report import write_report
 
 EVIL = "<script>alert(1)</script>"
@@ -38,7 +39,8 @@ def rec(id_, prompt, op, rnd=0, parent=None, teacher="aurora") -> Record:
 
 def run_folder(tmp_path: Path, *, final=True, report=True, judge=True, datasets=True, rounds=2):
     f = SimpleNamespace(root=tmp_path, rounds=tmp_path / "rounds", grids=tmp_path / "grids",
-                        datasets=tmp_path / "datasets", report=tmp_path / "report.json")
+                        datasets=tmp_path / "datasets", report=tmp_path / "report.json",
+                        ledger=tmp_path / "ledger.jsonl")
     f.rounds.mkdir()
     f.grids.mkdir()
     write_json_atomic(f.rounds / "baseline.json", {"heldout": acc(0.25)})
@@ -75,6 +77,9 @@ def run_folder(tmp_path: Path, *, final=True, report=True, judge=True, datasets=
         dv.write(2, v1[1:] + [rec("m1", "a green triangle left of a circle", "mutate", 2),
                               rec("e2", "four red squares", "expand", 2, "e1")], {"round": 2})
     if report:
+        ledger = Ledger(f.ledger)  # what the report counts as bought: every image in the ledger
+        for i in range(24):
+            ledger.record({"teacher": "aurora", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.0})
         write_report(f, {"aurora": acc(0.9)}, {"aurora": {"paid_calls": 12, "spent": 0.2},
                                                "brush": {"paid_calls": 12, "spent": 0.1}},
                      61.0, say=lambda *_: None,

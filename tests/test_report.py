@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 from evolve.dataset import write_json_atomic
+from evolve.ledger import Ledger
 from evolve.report import write_report
 
 
@@ -15,8 +16,12 @@ def acc(x: float) -> dict:
 
 
 def folder(tmp_path):
-    f = SimpleNamespace(root=tmp_path, rounds=tmp_path / "rounds", report=tmp_path / "report.json")
+    f = SimpleNamespace(root=tmp_path, rounds=tmp_path / "rounds", report=tmp_path / "report.json",
+                        ledger=tmp_path / "ledger.jsonl")
     f.rounds.mkdir()
+    ledger = Ledger(f.ledger)  # six images, bought by an earlier process of the run
+    for i in range(6):
+        ledger.record({"teacher": "a", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.04})
     write_json_atomic(f.rounds / "baseline.json", {"heldout": acc(0.25)})
     for r, x in enumerate((0.5, 0.75)):
         write_json_atomic(f.rounds / f"round_{r:03d}.json", {
@@ -25,7 +30,7 @@ def folder(tmp_path):
     return f
 
 
-STATS = {"a": {"paid_calls": 6, "spent": 0.24}}
+STATS = {"a": {"paid_calls": 2, "spent": 0.24}}  # this process bought 2: the report counts the ledger
 
 
 def test_final_is_the_last_round_without_a_final_segment(tmp_path):

@@ -173,19 +173,31 @@ def test_checkpoint_files_resume_state(tmp_path):
 
 @pytest.mark.integration
 def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
-    import ray
-
+    """The "rounds" schedule's fit (driver.train_round: a run folder's dataset
+    version through Ray Data, one fit() of steps_per_round), on two workers;
+    then the same Ray Train run resumed from its checkpoint."""
+    from evolve.config import RunConfig
+    from evolve.dataset import Record
+    from evolve.driver import RunFolder, train_round, version_dataset
     from evolve.shapes.render import render, to_png
+    from evolve.store import ImageStore
     from evolve.student.generate import generate_images
     from evolve.student.train import fit_student
 
-    rows = [{"prompt": p, "image": to_png(render(p, i, 32))} for i, p in enumerate(PROMPTS * 4)]
-    ds = ray.data.from_items(rows)
+    folder = RunFolder(tmp_path / "run")
+    folder.make()
+    images = ImageStore(folder.images)
+    records = [Record(id=f"r{i}", prompt=p, category="c", teacher="t", seed=i, round_added=0, parent_id=None,
+                      op="seed", image_ref=images.put(to_png(render(p, i, 32))))
+               for i, p in enumerate(PROMPTS * 4)]
     scfg = StudentConfig(**TINY["unet"], prediction_type="sample")
-    tcfg = TrainConfig(num_workers=2, cpus_per_worker=0.5, batch_size=8, report_every=1)
-    kw = dict(student_cfg=scfg, train_cfg=tcfg, storage_path=tmp_path / "ray", name="fit")
-    out = fit_student(ds, steps=2, out_dir=tmp_path / "ckpt", **kw)
-    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    tcfg = TrainConfig(num_workers=2, cpus_per_worker=0.5, batch_size=8, report_every=1, steps_per_round=2)
+    cfg = RunConfig(run_dir=folder.root, student=scfg, train=tcfg)
+    out = train_round(cfg, folder, records, 0, None)
+    assert out == folder.checkpoint(0)
+    kw = dict(student_cfg=scfg, train_cfg=tcfg, storage_path=folder.train_storage, name="round_000")
+    ds = version_dataset(cfg, folder, records)
+    state = json.loads((out / "state.json").read_text())
     assert state["step"] == 2 and state["total_steps"] == 2
     assert Student.from_pretrained(out).config == scfg
     imgs = generate_images(out, PROMPTS[:2], [0, 1], SampleConfig(steps=2))

@@ -51,7 +51,7 @@ def test_config_errors_name_the_problem(bad, words):
 
 
 def test_student_refuses_latent_configs_with_a_pointer():
-    with pytest.raises(ValueError, match="build_denoiser"):
+    with pytest.raises(ValueError, match="LatentStudent"):
         Student.from_config(StudentConfig.pixart_alpha_xl2(256, num_layers=1, hidden_size=32, num_heads=2))
 
 

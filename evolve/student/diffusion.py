@@ -36,7 +36,8 @@ def make_sample_scheduler(cfg: StudentConfig, steps: int):
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
         prediction_type=cfg.prediction_type, algorithm_type="dpmsolver++", solver_order=2,
-        thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
+        # x0 clipping is for pixels in [-1, 1]; scaled VAE latents range wider.
+        thresholding=cfg.latent_channels is None, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
         lower_order_final=True, final_sigmas_type="zero")
     sched.set_timesteps(steps)
     return sched
@@ -92,7 +93,8 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(student, prompts: list[str], seeds: list[int], cfg: SampleConfig | None = None) -> np.ndarray:
-    """Draw one image per (prompt, seed): uint8 (N, S, S, 3)."""
+    """Draw one image per (prompt, seed): uint8 (N, S, S, 3). Works for both
+    students: noise shaped like the denoiser's input, decoded by the student."""
     cfg = cfg or SampleConfig()
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -104,7 +106,7 @@ def sample(student, prompts: list[str], seeds: list[int], cfg: SampleConfig | No
     try:
         for i in range(0, len(prompts), cfg.batch_size):
             ps, ss = list(prompts[i:i + cfg.batch_size]), list(seeds[i:i + cfg.batch_size])
-            out.append(_sample_batch(student, ps, ss, cfg, S))
+            out.append(_sample_batch(student, ps, ss, cfg))
     finally:
         student.train(was_training)
     if not out:
@@ -112,11 +114,12 @@ def sample(student, prompts: list[str], seeds: list[int], cfg: SampleConfig | No
     return np.concatenate(out)
 
 
-def _sample_batch(student, prompts, seeds, cfg: SampleConfig, S: int) -> np.ndarray:
-    n = len(prompts)
+def _sample_batch(student, prompts, seeds, cfg: SampleConfig) -> np.ndarray:
+    n, scfg = len(prompts), student.config
     dev = next(student.parameters()).device  # noise is drawn on the CPU (the same on any device), then moved
-    sched = make_sample_scheduler(student.config, cfg.steps)
-    x = (initial_noise(seeds, (3, S, S)) * sched.init_noise_sigma).to(dev)
+    sched = make_sample_scheduler(scfg, cfg.steps)
+    x = (initial_noise(seeds, (scfg.in_channels, scfg.sample_size, scfg.sample_size))
+         * sched.init_noise_sigma).to(dev)
     ids, mask = student.encode_prompts(prompts)
     guided = cfg.guidance != 1.0
     if guided:
@@ -131,8 +134,7 @@ def _sample_batch(student, prompts, seeds, cfg: SampleConfig, S: int) -> np.ndar
             cond, uncond = pred.chunk(2)
             pred = uncond + cfg.guidance * (cond - uncond)
         x = sched.step(pred, t, x).prev_sample
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return img.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return student.decode(x)
 
 
 # -- EMA ---------------------------------------------------------------------

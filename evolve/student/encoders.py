@@ -26,15 +26,16 @@ Image refs are content hashes, so a latent names its image forever; a rerun
 from __future__ import annotations
 
 import hashlib
+import math
+from functools import lru_cache
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Iterable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
+from evolve.config import EncoderConfig
 from evolve.store import ImageStore, write_atomic
 
 # T5's own special-token ids (pad 0, eos 1, unk 2), kept by the tiny tokenizer
@@ -45,39 +46,6 @@ TINY_PAD, TINY_EOS, TINY_UNK = "<pad>", "</s>", "<unk>"
 _IMAGE_REF = re.compile(r"^[0-9a-f]{64}$")
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class EncoderConfig(BaseModel):
-    """Which frozen encoders make the student's inputs, and how they run."""
-
-    # A misspelled key is an error, not a silent default.
-    model_config = ConfigDict(extra="forbid")
-
-    vae: str | None = Field(None, description="diffusers AutoencoderKL folder or Hub id; None: tiny random VAE")
-    vae_subfolder: str | None = None
-    text_encoder: str | None = Field(None, description="folder or Hub id with a T5 encoder and its tokenizer; "
-                                     "None: tiny random T5 and an offline word-level tokenizer")
-    text_subfolder: str | None = Field(None, description="e.g. 'text_encoder' in a PixArt pipeline repo")
-    tokenizer_subfolder: str | None = Field(None, description="e.g. 'tokenizer' in a PixArt pipeline repo")
-    max_tokens: int = Field(120, ge=1, description="PixArt-alpha's caption length")
-    # T5-v1.1 overflows in float16; on a GPU use bfloat16.
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="encoder weights")
-    device: str = Field("auto", description="'auto': cuda if available, else cpu")
-    batch_size: int = Field(32, ge=1, description="images / prompts per encoder forward")
-    store_dtype: Literal["float16", "float32"] = Field("float16", description="what is written to disk")
-    # Tiny random encoders (vae / text_encoder None). Seeded so that every
-    # process (each Ray actor) builds the same weights and features agree.
-    tiny_seed: int = 0
-    tiny_latent_channels: int = Field(4, ge=1)
-    tiny_vae_channels: tuple[int, ...] = Field((8, 16, 16, 16), description="one entry per level: /8 like SD-VAE")
-    tiny_text_dim: int = Field(32, ge=1)
-    tiny_text_layers: int = Field(2, ge=1)
-    tiny_text_heads: int = Field(4, ge=1)
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that decide what the features are (not where or how fast
-        they are computed): features from two configs mix only if these agree."""
-        return self.model_dump(mode="json", exclude={"device", "batch_size"})
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -144,7 +112,9 @@ class FrozenEncoders:
         self.dtype = _TORCH_DTYPES[cfg.dtype]
         self.vae, self.tokenizer, self.text_encoder = vae, tokenizer, text_encoder
         for model in (vae, text_encoder):
-            model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+            if next(model.parameters()).dtype != self.dtype:  # a no-op cast only makes diffusers warn
+                model.to(dtype=self.dtype)
+            model.to(device=self.device).eval().requires_grad_(False)
 
     @classmethod
     def load(cls, cfg: EncoderConfig) -> "FrozenEncoders":
@@ -249,6 +219,17 @@ class FrozenEncoders:
         return np.concatenate(embs), np.concatenate(masks)
 
 
+@lru_cache(maxsize=2)
+def _load_encoders(cfg_json: str) -> FrozenEncoders:
+    return FrozenEncoders.load(EncoderConfig.model_validate_json(cfg_json))
+
+
+def load_encoders(cfg: EncoderConfig) -> FrozenEncoders:
+    """FrozenEncoders.load, once per process and config (a sampler asks for
+    them on every call; T5-XXL takes a minute to load)."""
+    return _load_encoders(cfg.model_dump_json())
+
+
 # -- storage -----------------------------------------------------------------------------
 
 def prompt_key(prompt: str) -> str:
@@ -327,6 +308,14 @@ class FeatureStore:
 
 # -- precompute ----------------------------------------------------------------------------
 
+def put_null_caption(store: FeatureStore, encoders: FrozenEncoders) -> None:
+    """Encode "" once: the caption a student trains with when its prompt is
+    dropped (classifier-free guidance), and samples with unconditionally."""
+    if not store.has_text(""):
+        emb, mask = encoders.encode_prompts([""])
+        store.put_text("", emb[0], mask[0])
+
+
 def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: ImageStore,
                    encoders: FrozenEncoders) -> dict[str, np.ndarray]:
     """One batch of {"prompt", "image_ref"} columns -> the same rows with
@@ -371,6 +360,7 @@ def precompute_local(rows: Iterable[dict], store_root: str | Path, images_root: 
     rows = list(rows)
     store, images = FeatureStore(store_root), ImageStore(images_root)
     store.claim(encoders.cfg)
+    put_null_caption(store, encoders)
     out: list[dict] = []
     n = encoders.cfg.batch_size
     for i in range(0, len(rows), n):
@@ -390,20 +380,25 @@ class EncodeBatch:
         self.encoders = FrozenEncoders.load(self.cfg)
         self.store, self.images = FeatureStore(store_root), ImageStore(images_root)
         self.store.claim(self.cfg)
+        put_null_caption(self.store, self.encoders)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return encode_missing(batch, self.store, self.images, self.encoders)
 
 
 def precompute_features(ds, store_root: str, images_root: str, cfg: EncoderConfig,
-                        concurrency: int = 1, num_gpus: float = 0.0, num_cpus: float = 0.25):
+                        concurrency: int = 1, num_gpus: float | None = None, num_cpus: float = 0.25,
+                        whole_blocks: bool = False):
     """Encode every {"prompt", "image_ref"} row of a Ray Dataset that is not in
     the FeatureStore yet; -> a Dataset of the rows with "latent_path",
     "text_path", "encoded". Lazy, like any Dataset: consume it (materialize,
     iter_rows, write_*) to run it.
 
     `concurrency` actors, each holding its own encoders (one per GPU with
-    num_gpus=1). The default quarter CPU matches version_dataset: on a small
+    num_gpus=1; default: cfg.num_gpus). Each also makes sure the null caption
+    ("") is in the store. Rows are encoded cfg.batch_size at a time, or a
+    block at a time with `whole_blocks` (the output then keeps the input's
+    blocks, which `Dataset.split` hands out whole). The default quarter CPU matches version_dataset: on a small
     machine a 1-CPU actor could wait forever behind the trainers."""
     from ray.data import ActorPoolStrategy
 
@@ -413,7 +408,37 @@ def precompute_features(ds, store_root: str, images_root: str, cfg: EncoderConfi
         EncodeBatch,
         fn_constructor_kwargs={"store_root": str(store_root), "images_root": str(images_root),
                                "cfg": cfg.model_dump(mode="json")},
-        batch_size=cfg.batch_size,
+        batch_size=None if whole_blocks else cfg.batch_size,
         # A fixed pool: Ray 2.60 deprecates map_batches(concurrency=) for compute=.
         compute=ActorPoolStrategy(size=concurrency),
-        num_gpus=num_gpus, num_cpus=num_cpus, batch_format="numpy")
+        num_gpus=cfg.num_gpus if num_gpus is None else num_gpus, num_cpus=num_cpus, batch_format="numpy")
+
+
+def load_features(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows with "latent_path" and "text_path" -> the arrays a LatentStudent
+    trains on: "latent" (C, h, w), "caption" (L, D), "caption_mask" (L,)."""
+    texts = [np.load(p, allow_pickle=False) for p in batch["text_path"]]
+    try:
+        return {"prompt": batch["prompt"],
+                "latent": np.stack([np.load(p, allow_pickle=False) for p in batch["latent_path"]]),
+                "caption": np.stack([t["emb"] for t in texts]),
+                "caption_mask": np.stack([t["mask"] for t in texts])}
+    finally:
+        for t in texts:
+            t.close()
+
+
+def latent_dataset(rows: list[dict], store_root: str, images_root: str, cfg: EncoderConfig,
+                   min_blocks: int = 1, num_cpus: float = 0.25):
+    """Rows {"prompt", "image_ref"} -> a Ray Dataset of what a LatentStudent
+    trains on: {"prompt", "latent", "caption", "caption_mask"}; missing
+    features are encoded first (precompute_features), the rest read from the
+    store. Blocks of about cfg.batch_size rows (one encoder batch each), at
+    least `min_blocks` of them (one per training worker: `split` deals out
+    whole blocks, and a repartition would need a whole free CPU)."""
+    import ray
+
+    blocks = max(min_blocks, math.ceil(len(rows) / cfg.batch_size), 1)
+    ds = ray.data.from_items(rows, override_num_blocks=min(blocks, max(len(rows), 1)))
+    return precompute_features(ds, store_root, images_root, cfg, num_cpus=num_cpus, whole_blocks=True).map_batches(
+        load_features, batch_format="numpy", batch_size=None, num_cpus=num_cpus)

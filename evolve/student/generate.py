@@ -11,16 +11,17 @@ import torch
 
 from evolve.config import SampleConfig
 from evolve.student.diffusion import sample
-from evolve.student.model import Student
+from evolve.student.model import load_pretrained
 
 
 @lru_cache(maxsize=2)
-def _load(path: str, mtime: float, ema: bool) -> Student:
-    return Student.from_pretrained(path, ema=ema).eval()
+def _load(path: str, mtime: float, ema: bool):
+    return load_pretrained(path, ema=ema).eval()
 
 
-def load_student(checkpoint_dir: str | Path, ema: bool = True) -> Student:
-    """Load (and cache, keyed by path and weights' mtime) a checkpoint."""
+def load_student(checkpoint_dir: str | Path, ema: bool = True):
+    """Load (and cache, keyed by path and weights' mtime) a checkpoint: a
+    Student or a LatentStudent, as its config.json says."""
     d = Path(checkpoint_dir).resolve()
     mtimes = [p.stat().st_mtime for p in d.glob("*.safetensors")]
     if not mtimes:

@@ -1,6 +1,13 @@
-"""The student: a small text encoder plus a pixel-space denoiser.
+"""The student: a denoiser, conditioned on the prompt, in one of two set-ups.
 
     Student(cfg)(x_t, t, input_ids, attention_mask) -> prediction (B, 3, S, S)
+    LatentStudent(cfg)(z_t, t, captions, caption_mask) -> prediction (B, C, h, w)
+
+`Student`: pixel space with its own small text encoder (the shapes world).
+`LatentStudent`: PixArt-alpha's set-up, VAE latents and frozen T5 captions
+(`config.encoders`); `build_student(cfg)` picks the one a config describes.
+Both have `encode_prompts` (what `forward` is conditioned on) and `decode`
+(what sampling ends with: uint8 images).
 
 Two denoisers, both built from config with random weights (no hub):
 
@@ -16,8 +23,9 @@ Two denoisers, both built from config with random weights (no hub):
   cross-attending to the prompt tokens.
 
 Checkpoint layout (`save_pretrained`): config.json (StudentConfig),
-tokenizer.json, model.safetensors (raw weights) and ema.safetensors (EMA
-weights, when an EMA is given). `from_pretrained(dir)` loads EMA by default.
+tokenizer.json (Student only), model.safetensors (raw weights) and
+ema.safetensors (EMA weights, when an EMA is given). `from_pretrained(dir)`
+loads EMA by default; `load_pretrained(dir)` loads whichever student it holds.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,36 +140,26 @@ def denoise(denoiser: nn.Module, cfg: StudentConfig, x: torch.Tensor, t: torch.T
     return out[:, :cfg.in_channels] if cfg.learn_sigma else out
 
 
-class Student(nn.Module):
-    def __init__(self, config: StudentConfig, tokenizer=None):
-        super().__init__()
-        self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(max_length=config.max_tokens)
-        if len(self.tokenizer) > config.vocab_size:
-            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, config.vocab_size is {config.vocab_size}")
-        if config.caption_channels is not None or config.latent_channels is not None:
-            # The frozen VAE + T5 stage is not part of this module: such configs
-            # train on precomputed latents and caption embeddings (build_denoiser).
-            raise ValueError("Student runs pixel-space configs with its own text encoder; for "
-                             "latent_channels / caption_channels use build_denoiser + denoise")
-        self.text = TextEncoder(config.vocab_size, config.text_dim, config.text_layers,
-                                config.text_heads, config.max_tokens)
-        self.denoiser = build_denoiser(config)
+class _Pretrained(nn.Module):
+    """save_pretrained / from_pretrained shared by both students: config.json,
+    model.safetensors (raw weights), ema.safetensors (EMA, when given)."""
 
-    # -- construction ---------------------------------------------------------
+    config: StudentConfig
+
+    def _save_extra(self, d: Path) -> None:
+        """Files beside the weights (the tokenizer)."""
+
     @classmethod
-    def from_config(cls, config: StudentConfig | dict, tokenizer=None) -> "Student":
-        if isinstance(config, dict):
-            config = StudentConfig.model_validate(config)
-        return cls(config, tokenizer)
+    def _from_folder(cls, config: StudentConfig, d: Path) -> "_Pretrained":
+        return cls(config)
 
     def save_pretrained(self, directory: str | Path, ema: "nn.Module | dict | None" = None) -> Path:
-        """Write config.json, tokenizer.json, model.safetensors and, if `ema` (an
-        EMA object, a module or a state dict) is given, ema.safetensors."""
+        """Write config.json, model.safetensors and, if `ema` (an EMA object, a
+        module or a state dict) is given, ema.safetensors; plus `_save_extra`."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CONFIG_NAME).write_text(self.config.model_dump_json(indent=2))
-        self.tokenizer.backend_tokenizer.save(str(d / TOKENIZER_NAME))
+        self._save_extra(d)
         save_file(_contiguous(self.state_dict()), str(d / WEIGHTS_NAME))
         if ema is not None:
             sd = ema if isinstance(ema, dict) else ema.state_dict()
@@ -168,18 +167,59 @@ class Student(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, ema: bool = True) -> "Student":
+    def from_pretrained(cls, directory: str | Path, ema: bool = True) -> "_Pretrained":
         """Load a checkpoint directory; EMA weights when present and `ema`."""
         d = Path(directory)
         config = StudentConfig.model_validate(json.loads((d / CONFIG_NAME).read_text()))
-        tok = load_tokenizer(d / TOKENIZER_NAME, config.max_tokens) if (d / TOKENIZER_NAME).exists() else None
-        student = cls(config, tok)
+        if cls is _Pretrained:  # whichever student the folder holds
+            return student_class(config).from_pretrained(d, ema)
+        student = cls._from_folder(config, d)
         path = d / EMA_NAME if ema and (d / EMA_NAME).exists() else d / WEIGHTS_NAME
         student.load_state_dict(load_file(str(path)))
         return student
 
-    # -- running --------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: StudentConfig | dict) -> "_Pretrained":
+        if isinstance(config, dict):
+            config = StudentConfig.model_validate(config)
+        return cls(config)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Student(_Pretrained):
+    """Pixel space, with its own small text encoder (tokenizer.json in the checkpoint)."""
+
+    def __init__(self, config: StudentConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(max_length=config.max_tokens)
+        if len(self.tokenizer) > config.vocab_size:
+            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, config.vocab_size is {config.vocab_size}")
+        if config.caption_channels is not None or config.latent_channels is not None:
+            raise ValueError("Student runs pixel-space configs with its own text encoder; a config with "
+                             "latent_channels / caption_channels is a LatentStudent's")
+        self.text = TextEncoder(config.vocab_size, config.text_dim, config.text_layers,
+                                config.text_heads, config.max_tokens)
+        self.denoiser = build_denoiser(config)
+
+    @classmethod
+    def from_config(cls, config: StudentConfig | dict, tokenizer=None) -> "Student":
+        if isinstance(config, dict):
+            config = StudentConfig.model_validate(config)
+        return cls(config, tokenizer)
+
+    def _save_extra(self, d: Path) -> None:
+        self.tokenizer.backend_tokenizer.save(str(d / TOKENIZER_NAME))
+
+    @classmethod
+    def _from_folder(cls, config: StudentConfig, d: Path) -> "Student":
+        tok = load_tokenizer(d / TOKENIZER_NAME, config.max_tokens) if (d / TOKENIZER_NAME).exists() else None
+        return cls(config, tok)
+
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (token ids, attention mask): the conditioning `forward` takes."""
         return tokenize(self.tokenizer, prompts, self.config.max_tokens)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
@@ -187,8 +227,72 @@ class Student(nn.Module):
         h, mask = self.text(input_ids, attention_mask)
         return denoise(self.denoiser, self.config, x, t, h, mask)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """Denoised pixels in [-1, 1] (N, 3, S, S) -> uint8 images (N, S, S, 3)."""
+        img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+class LatentStudent(_Pretrained):
+    """PixArt-alpha's set-up: the denoiser works on VAE latents and attends to
+    caption embeddings of a frozen T5, both encoders named by `config.encoders`.
+
+    The encoders are not part of the module (not in its state dict, its EMA or
+    its checkpoints: T5-XXL alone is 4.7B parameters). Training reads latents
+    and embeddings precomputed into a FeatureStore; `encode_prompts` and
+    `decode` (sampling) load the encoders on first use."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        if not config.is_latent:
+            raise ValueError("LatentStudent needs a config with latent_channels, caption_channels and encoders")
+        self.config = config
+        self.denoiser = build_denoiser(config)
+        self._frozen = None  # FrozenEncoders; a plain object, so never registered as a submodule
+
+    def encoders(self):
+        """The frozen encoders, loaded (once per process) on first use and
+        checked against what the denoiser was built for."""
+        if self._frozen is None:
+            from evolve.student.encoders import load_encoders
+
+            enc, cfg = load_encoders(self.config.encoders), self.config
+            got = {"latent_channels": enc.latent_channels, "vae_scale": enc.vae_scale_factor,
+                   "caption_channels": enc.text_dim}
+            wrong = {k: (getattr(cfg, k), v) for k, v in got.items() if getattr(cfg, k) != v}
+            if wrong:
+                raise ValueError(f"the encoders do not fit this student (field: (student, encoders)): {wrong}")
+            self._frozen = enc
+        return self._frozen
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (caption embeddings (N, L, D) float32, mask (N, L) bool), from the frozen T5."""
+        emb, mask = self.encoders().encode_prompts(list(prompts))
+        return torch.from_numpy(emb).float(), torch.from_numpy(mask)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor,
+                caption_mask: torch.Tensor) -> torch.Tensor:
+        return denoise(self.denoiser, self.config, x, t, captions.to(x.dtype), caption_mask)
+
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """Denoised latents (N, C, h, w) -> uint8 images (N, h*f, w*f, 3), by the frozen VAE."""
+        return self.encoders().decode_latents(x.float().cpu().numpy().astype(np.float32))
+
+
+def student_class(config: StudentConfig) -> type[_Pretrained]:
+    return LatentStudent if config.is_latent else Student
+
+
+def build_student(config: StudentConfig | dict) -> _Pretrained:
+    """The student a config describes, random weights: Student or LatentStudent."""
+    if isinstance(config, dict):
+        config = StudentConfig.model_validate(config)
+    return student_class(config).from_config(config)
+
+
+def load_pretrained(directory: str | Path, ema: bool = True) -> _Pretrained:
+    """Whichever student a checkpoint folder holds (its config.json says)."""
+    return _Pretrained.from_pretrained(directory, ema)
 
 
 def _contiguous(sd: dict) -> dict:

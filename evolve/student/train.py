@@ -4,9 +4,12 @@
                 name=..., init_checkpoint=None, out_dir=...) -> out_dir
 
 Each worker reads its shard of the dataset (rows {"prompt": str, "image": PNG
-bytes}) once, decodes it into memory, and then draws shuffled batches from it
-epoch after epoch (the datasets here are a few thousand 32x32 images at most,
-and a second pass through Ray Data per epoch would cost more than the step).
+bytes}; for a LatentStudent, precomputed latents and captions) once, decodes
+it into memory, and then draws shuffled batches from it epoch after epoch (the
+datasets here are a few thousand 32x32 images at most, and a second pass
+through Ray Data per epoch would cost more than the step). At PixArt scale a
+caption is ~1 MB (120 x 4096 fp16), so a shard of 10k rows needs ~10 GB of
+host memory per worker; beyond that, streaming epochs is the way.
 
 Where the weights come from, in order: the run's own latest checkpoint
 (`ray.train.get_checkpoint()`, i.e. the same RunConfig name was fitted before:
@@ -38,14 +41,14 @@ import torch
 from evolve.config import StudentConfig, TrainConfig
 from evolve.dataset import atomic_dir
 from evolve.student.diffusion import EMA, drop_prompts, make_noise_scheduler, training_loss
-from evolve.student.model import EMA_NAME, WEIGHTS_NAME, Student
+from evolve.student.model import EMA_NAME, WEIGHTS_NAME, build_student
 
 OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "state.json"
 
 
 # -- checkpoint files ------------------------------------------------------------
-def save_checkpoint(directory: str | Path, student: Student, ema: EMA, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(directory: str | Path, student: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer | None,
                     state: dict) -> Path:
     d = student.save_pretrained(directory, ema=ema)
     if optimizer is not None:
@@ -54,7 +57,7 @@ def save_checkpoint(directory: str | Path, student: Student, ema: EMA, optimizer
     return d
 
 
-def load_checkpoint(directory: str | Path, student: Student, ema: EMA,
+def load_checkpoint(directory: str | Path, student: torch.nn.Module, ema: EMA,
                     optimizer: torch.optim.Optimizer | None) -> dict:
     """Load raw weights, EMA and (if present and wanted) optimizer state into
     the given objects; return state.json (empty dict when absent)."""
@@ -76,13 +79,23 @@ def load_checkpoint(directory: str | Path, student: Student, ema: EMA,
 
 
 # -- data ----------------------------------------------------------------------------
-def load_shard(shard, image_size: int) -> tuple[list[str], torch.Tensor]:
-    """Read one pass of a Ray Data shard into (prompts, uint8 images (N, 3, S, S))."""
-    rows = [{"prompt": p, "image": b} for batch in shard.iter_batches(batch_size=256, batch_format="numpy")
-            for p, b in zip(batch["prompt"], batch["image"])]
-    if not rows:
+LATENT_COLUMNS = ("latent", "caption", "caption_mask")
+
+
+def load_shard(shard, scfg: StudentConfig) -> dict:
+    """Read one pass of a Ray Data shard into memory. A Student's rows are
+    {"prompt", "image": PNG bytes} -> {"prompts", "images": uint8 (N, 3, S, S)};
+    a LatentStudent's are precomputed features -> {"latent" (N, C, h, w),
+    "caption" (N, L, D), "caption_mask" (N, L)}. Both also get "n"."""
+    parts = list(shard.iter_batches(batch_size=256, batch_format="numpy"))
+    n = sum(len(b["prompt"]) for b in parts)
+    if not n:
         raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
-    return rows_to_tensors(rows, image_size)
+    if scfg.is_latent:
+        return {"n": n, **{k: torch.from_numpy(np.concatenate([b[k] for b in parts])) for k in LATENT_COLUMNS}}
+    prompts, images = rows_to_tensors([{"prompt": p, "image": b} for part in parts
+                                       for p, b in zip(part["prompt"], part["image"])], scfg.image_size)
+    return {"n": n, "prompts": prompts, "images": images}
 
 
 def rows_to_tensors(rows: list[dict], image_size: int) -> tuple[list[str], torch.Tensor]:
@@ -120,7 +133,8 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker loop. config: {"student": StudentConfig dict, "train":
     TrainConfig dict, "steps": int | None, "init_checkpoint": str | None,
-    "feed": TrainerFeed actor name | None, "snapshot_dir": str | None}.
+    "feed": TrainerFeed actor name | None, "snapshot_dir": str | None,
+    "features": FeatureStore root | None (a LatentStudent's null caption)}.
 
     Without a feed it trains `steps` steps on the "train" dataset shard. With a
     feed (continuous training) it asks the feed at every `poll_every`-th step
@@ -151,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     amp = autocast_dtype(tcfg.mixed_precision, device)
     torch.manual_seed(tcfg.seed)
-    student = Student.from_config(scfg).to(device)
+    student = build_student(scfg).to(device)
     ema = EMA(student, tcfg.ema_max_decay)
     opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
@@ -177,7 +191,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Prior preservation: part of every batch replays exact renders of the base
     # curriculum (what the base student was pretrained on; no teacher image),
     # so that skills whose prompts the loop deleted are not forgotten.
-    n_replay = round(local_bs * tcfg.replay_fraction) if tcfg.replay_fraction > 0 else 0
+    # (Pixel students only: the curriculum is shapes-world renders, not latents.)
+    n_replay = round(local_bs * tcfg.replay_fraction) if tcfg.replay_fraction > 0 and not scfg.is_latent else 0
     if n_replay:
         from evolve.pretrain import curriculum
 
@@ -189,8 +204,32 @@ def train_loop_per_worker(config: dict) -> None:
     data = {"version": None, "wait_s": 0.0, "batch_s": 0.0}  # waits on the feed; assembling batches
 
     def use_shard(shard) -> None:
-        data["prompts"], data["images"] = load_shard(shard, scfg.image_size)
-        data["order"] = batches(len(data["prompts"]), max(1, local_bs - n_replay), gen)
+        data.update(load_shard(shard, scfg))
+        if scfg.is_latent and "null_caption" not in data:
+            # What a dropped caption becomes (classifier-free guidance); the
+            # precompute that made the shard has put it in the store.
+            from evolve.student.encoders import FeatureStore
+
+            emb, mask = FeatureStore(config["features"]).get_text("")
+            data["null_caption"], data["null_mask"] = torch.from_numpy(emb).float(), torch.from_numpy(mask)
+        data["order"] = batches(data["n"], max(1, local_bs - n_replay), gen)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, conditioning, its mask) on the device, prompts dropped at cond_drop."""
+        idx = next(data["order"])
+        if scfg.is_latent:
+            cap, mask = data["caption"][idx].float(), data["caption_mask"][idx]
+            drop = torch.tensor([rng.random() < tcfg.cond_drop for _ in range(len(idx))])
+            cap[drop], mask[drop] = data["null_caption"], data["null_mask"]
+            x = data["latent"][idx].to(device, non_blocking=True).float()
+            return x, cap.to(device), mask.to(device)
+        batch_prompts, x = [data["prompts"][i] for i in idx], data["images"][idx]
+        if n_replay:
+            ridx = next(replay_order)
+            batch_prompts += [r_prompts[i] for i in ridx]
+            x = torch.cat([x, r_images[ridx]])
+        ids, mask = student.encode_prompts(drop_prompts(batch_prompts, tcfg.cond_drop, rng))
+        return to_model_range(x.to(device, non_blocking=True)), ids.to(device), mask.to(device)
 
     def progress() -> dict:
         """Where training stands, for the feed (the loop's view of the trainer)."""
@@ -258,21 +297,12 @@ def train_loop_per_worker(config: dict) -> None:
             if ans["stop"]:
                 break
         t_batch = time.perf_counter()
-        prompts, images = data["prompts"], data["images"]
-        idx = next(data["order"])
-        batch_prompts, x = [prompts[i] for i in idx], images[idx]
-        if n_replay:
-            ridx = next(replay_order)
-            batch_prompts += [r_prompts[i] for i in ridx]
-            x = torch.cat([x, r_images[ridx]])
-        x = to_model_range(x.to(device, non_blocking=True))
-        ids, mask = student.encode_prompts(drop_prompts(batch_prompts, tcfg.cond_drop, rng))
-        ids, mask = ids.to(device), mask.to(device)
+        x, cond, mask = next_batch()
         data["batch_s"] += time.perf_counter() - t_batch  # the data loader's share of the step
         for g in opt.param_groups:
             g["lr"] = lr_at(total)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = training_loss(model, noise_sched, x, ids, mask, scfg.prediction_type, tcfg.t_shift, gen)
+            loss = training_loss(model, noise_sched, x, cond, mask, scfg.prediction_type, tcfg.t_shift, gen)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: scaled loss, gradients unscaled before clipping
             scaler.scale(loss).backward()
@@ -296,7 +326,7 @@ def train_loop_per_worker(config: dict) -> None:
             now = time.perf_counter()
             metrics = {"loss": float(torch.stack(losses).float().mean()), "step": step, "total_steps": total,
                        "images_per_s": seen / max(now - t_last, 1e-9), "lr": lr_at(total - 1),
-                       "epoch": step * local_bs / len(prompts), "data_wait_s": data["wait_s"],
+                       "epoch": step * local_bs / data["n"], "data_wait_s": data["wait_s"],
                        "train_s": now - t_start}
             state["loss"], state["images_per_s"] = metrics["loss"], metrics["images_per_s"]
             ckpt = last or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
@@ -311,7 +341,7 @@ def train_loop_per_worker(config: dict) -> None:
 def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, steps: int | None,
                 storage_path: str | Path, name: str, init_checkpoint: str | Path | None = None,
                 out_dir: str | Path | None = None, feed: str | None = None,
-                snapshot_dir: str | Path | None = None) -> str:
+                snapshot_dir: str | Path | None = None, features: str | Path | None = None) -> str:
     """Train with a TorchTrainer and return a plain checkpoint directory that
     `Student.from_pretrained` loads: `out_dir` if given (replaced), else the
     run's own final checkpoint folder under storage_path/name.
@@ -323,7 +353,11 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
     hands out dataset versions and says when to stop, `snapshot_dir` receives
     the EMA snapshots; `steps=None` trains until the feed says stop. A worker
     that dies is replaced and the group resumes from the last checkpoint
-    (`train_cfg.max_failures` times)."""
+    (`train_cfg.max_failures` times).
+
+    A LatentStudent (student_cfg.encoders) trains on rows of precomputed
+    features (`latent_dataset`) and needs `features`, the FeatureStore root
+    that holds its null caption."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -331,6 +365,8 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
         raise ValueError("fit_student needs either a dataset or a feed, not both")
     if feed is not None and snapshot_dir is None:
         raise ValueError("continuous training (feed) needs a snapshot_dir")
+    if student_cfg.is_latent and features is None:
+        raise ValueError("a latent student trains on precomputed features: pass their FeatureStore root")
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -342,6 +378,7 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
             "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
             "feed": feed,
             "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
+            "features": str(Path(features).resolve()) if features else None,
         },
         scaling_config=ScalingConfig(
             num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,

@@ -1,0 +1,137 @@
+"""The latent student (PixArt-alpha's set-up) at tiny size: config checks, the
+module, its checkpoints, sampling through the VAE, importing PixArt weights.
+A whole latent run is submitted as a Ray job in tests/test_job_submit.py."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny encoders only: nothing may reach a hub
+
+from evolve.config import EncoderConfig, RunConfig, SampleConfig, StudentConfig, TrainConfig  # noqa: E402
+from evolve.student.diffusion import make_noise_scheduler, sample, training_loss  # noqa: E402
+from evolve.student.model import LatentStudent, Student, build_student, denoise, load_pretrained  # noqa: E402
+
+# /2 tiny VAE: 32 px images are 16x16x4 latents, 64 patch tokens at patch 2.
+ENC = EncoderConfig(max_tokens=12, tiny_vae_channels=(8, 16), batch_size=8)
+CFG = StudentConfig(arch="pixart", image_size=32, latent_channels=4, vae_scale=2, caption_channels=32,
+                    max_tokens=12, hidden_size=32, num_layers=2, num_heads=2, patch_size=2, encoders=ENC)
+
+
+def test_config_ties_the_student_to_its_encoders():
+    assert CFG.is_latent and (CFG.in_channels, CFG.sample_size) == (4, 16)
+    assert StudentConfig.model_validate_json(CFG.model_dump_json()) == CFG  # round-trips
+    with pytest.raises(ValidationError, match="needs `encoders`"):
+        StudentConfig(**{**CFG.model_dump(), "encoders": None})
+    with pytest.raises(ValidationError, match="vae_scale"):
+        StudentConfig(**{**CFG.model_dump(), "vae_scale": 8})
+    with pytest.raises(ValidationError, match="caption_channels"):
+        StudentConfig(**{**CFG.model_dump(), "caption_channels": 64})
+    with pytest.raises(ValidationError, match="are for latent students"):
+        StudentConfig(encoders=ENC)
+    xl = StudentConfig.pixart_alpha_xl2(512)
+    assert xl.encoders.vae == "PixArt-alpha/PixArt-XL-2-512x512" and xl.encoders.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="LatentStudent"):
+        Student.from_config(CFG)
+    with pytest.raises(ValueError, match="LatentStudent needs"):
+        LatentStudent(StudentConfig())
+
+
+def test_module_holds_only_the_denoiser_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    student = build_student(CFG)
+    assert isinstance(student, LatentStudent)
+    # The frozen encoders never enter the state dict, the EMA or a checkpoint.
+    assert all(k.startswith("denoiser.") for k in student.state_dict())
+    x = torch.randn(3, 4, 16, 16)
+    cap, mask = student.encode_prompts(["a red circle", "two squares", ""])
+    assert cap.shape == (3, 12, 32) and mask.dtype == torch.bool and not mask[2, 1:].any()
+    assert student(x, torch.tensor([0, 500, 999]), cap, mask).shape == x.shape
+    loss = training_loss(student, make_noise_scheduler(CFG), x, cap, mask, CFG.prediction_type)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+    student.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "tokenizer.json").exists()
+    back = load_pretrained(tmp_path / "ckpt")
+    assert isinstance(back, LatentStudent) and back.config == CFG
+    for (k, a), b in zip(student.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_sampling_decodes_through_the_vae():
+    student = build_student(CFG).eval()
+    cfg = SampleConfig(steps=3, batch_size=2)
+    a = sample(student, ["a red circle", "two squares", "a red circle"], [1, 2, 1], cfg)
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a[0], a[2])  # an image depends on its prompt and seed only
+    b = sample(student, ["a red circle"], [1], cfg)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_fit_needs_the_feature_store():
+    """The trainer reads the null caption from the FeatureStore: refused up front.
+    (The whole latent path, Ray Data precompute to Ray Train fit to sampling,
+    runs as `ray job submit` in tests/test_job_submit.py.)"""
+    from evolve.student.train import fit_student
+
+    with pytest.raises(ValueError, match="FeatureStore root"):
+        fit_student(object(), student_cfg=CFG, train_cfg=TrainConfig(), steps=1, storage_path="unused",
+                    name="latent")
+
+
+def test_import_pretrained_pixart_weights(tmp_path):
+    """A diffusers PixArt transformer folder becomes a student checkpoint with
+    the same function; a transformer of another shape is refused, by field."""
+    from typer.testing import CliRunner
+
+    from evolve.cli import app
+    from evolve.student.convert import latent_student_from_diffusers
+
+    torch.manual_seed(1)
+    pretrained = build_student(CFG).denoiser  # a PixArtTransformer2DModel, as a pipeline holds it
+    pretrained.save_pretrained(tmp_path / "pipe" / "transformer")
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    cap, mask = torch.randn(2, 12, 32), torch.ones(2, 12, dtype=torch.bool)
+
+    student = latent_student_from_diffusers(tmp_path / "pipe", CFG, subfolder="transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, t, cap, mask), denoise(pretrained, CFG, x, t, cap, mask))
+
+    qk = latent_student_from_diffusers(tmp_path / "pipe", CFG.model_copy(update={"qk_norm": True}), "transformer")
+    assert any(".norm_q." in k for k in qk.state_dict())
+    with pytest.raises(ValueError, match="num_layers"):
+        latent_student_from_diffusers(tmp_path / "pipe", CFG.model_copy(update={"num_layers": 3}), "transformer")
+
+    # The CLI writes a checkpoint a run can start from (init_checkpoint).
+    cfg_file = tmp_path / "run.json"
+    RunConfig(student=CFG).save(cfg_file)
+    res = CliRunner().invoke(app, ["import-pixart", str(tmp_path / "pipe"), str(tmp_path / "ckpt"),
+                                   "--config", str(cfg_file)])
+    assert res.exit_code == 0, res.output
+    loaded = load_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, cap, mask), denoise(pretrained, CFG, x, t, cap, mask))
+    bad = CliRunner().invoke(app, ["import-pixart", str(tmp_path / "nowhere"), str(tmp_path / "c2"),
+                                   "--config", str(cfg_file)])
+    assert bad.exit_code == 2 and "import-pixart" in bad.output
+
+
+def test_shipped_latent_configs():
+    """configs/real.yaml's student is PixArt-alpha XL/2 at 512 px with PixArt's
+    own encoders; configs/latent-tiny.yaml's is a latent student too."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    real = RunConfig.load(root / "real.yaml")
+    xl = StudentConfig.pixart_alpha_xl2(512)
+    assert real.student.model_copy(update={"encoders": xl.encoders}) == xl
+    assert real.student.encoders.identity() == xl.encoders.identity()  # the same features
+    assert real.init_checkpoint is not None and real.train.use_gpu
+    tiny = RunConfig.load(root / "latent-tiny.yaml")
+    assert tiny.student.is_latent and tiny.from_scratch
