@@ -50,6 +50,22 @@ def test_efficiency_table_compares_images_actually_bought():
     assert high["random_needs"] is None and high["ratio"] is None  # random sampling never got there
 
 
+def test_suite_arms_and_the_arm_plot(tmp_path):
+    sci = _science()
+    base = sci.base_config(quick=False, config=None)
+    assert sci.suite_arms("teachers", base, False) == [
+        ("only-aurora", 900), ("only-brush", 900), ("only-canvas", 900), ("evolve", 900)]
+    assert [a for a, _ in sci.suite_arms("ablations", base, False)] == [
+        "evolve", "no-delete", "no-expand", "no-mutate", "no-select"]
+    runs = [{"arm": a, "budget": 900, "heldout": h, "images_bought": n, "teachers": {"aurora": 0.8, "brush": 0.7},
+             "heldout_by_round": [0.4, h]} for a, h, n in (("only-aurora", 0.45, 430), ("only-aurora", 0.47, 428),
+                                                          ("evolve", 0.55, 820))]
+    summary = sci.summarize(runs)
+    assert summary["only-aurora@900"]["seeds"] == [0.45, 0.47] and summary["evolve@900"]["start"] == 0.4
+    sci.plot_arms([summary["only-aurora@900"], summary["evolve@900"]], tmp_path / "teachers.png")
+    assert (tmp_path / "teachers.png").stat().st_size > 0
+
+
 @pytest.mark.integration
 def test_quick_mode_runs_and_resumes(ray_local, tmp_path):
     sci = _science()
