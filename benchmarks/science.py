@@ -196,6 +196,8 @@ def efficiency_table(summary: dict) -> list[dict]:
     `ratio_at_most`: random's smallest budget already matches, so the ratio is a ceiling."""
     rows = []
     curve = sorted((r["images"], r["mean"]) for r in summary.values() if r["arm"] == "random")
+    if not curve:  # a suite without random sampling (teachers, ablations) has nothing to compare
+        return rows
     for r in sorted((r for r in summary.values() if r["arm"] == "evolve"), key=lambda r: r["budget"]):
         need = random_images_needed(summary, r["mean"])
         rows.append({"budget": r["budget"], "evolve_images": r["images"], "evolve": r["mean"],
@@ -314,7 +316,8 @@ def main() -> None:
     budgets = tuple(int(b) for b in args.budgets.split(","))
     out = run_suite(args.suite, args.seeds, args.quick, args.config, args.out, budgets, args.keep_checkpoints)
     for key, row in out["arms"].items():
-        print(f"{key:28s} n={row['n']}  held-out {row['mean']:.1%} +- {row['sd']:.1%}")
+        print(f"{key:28s} n={row['n']}  held-out {row['mean']:.1%} +- {row['sd']:.1%}  "
+              f"({row['images']:.0f} images bought)")
     most = max((r["images"] for r in out["arms"].values() if r["arm"] == "random"), default=0)
     for row in out["efficiency"]:
         need = (f"does not reach it with up to {most:.0f} images" if row["random_needs"] is None else

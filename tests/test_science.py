@@ -62,6 +62,7 @@ def test_suite_arms_and_the_arm_plot(tmp_path):
                                                           ("evolve", 0.55, 820))]
     summary = sci.summarize(runs)
     assert summary["only-aurora@900"]["seeds"] == [0.45, 0.47] and summary["evolve@900"]["start"] == 0.4
+    assert sci.efficiency_table(summary) == []  # no random-sampling arm: nothing to compare against
     sci.plot_arms([summary["only-aurora@900"], summary["evolve@900"]], tmp_path / "teachers.png")
     assert (tmp_path / "teachers.png").stat().st_size > 0
 
