@@ -251,7 +251,9 @@ def plot_arms(rows: list[dict], path: Path) -> None:
            color=["tab:orange" if r["arm"] == "evolve" else "tab:gray" for r in rows], alpha=0.8)
     for x, r in zip(xs, rows):
         ax.scatter([x] * len(r["seeds"]), [100 * a for a in r["seeds"]], s=12, color="black", zorder=3)
-    teachers = rows[0]["teachers"] if rows else {}
+    # The arm that bought from every teacher scored them all (a one-teacher arm may
+    # have spent its teacher's budget before the held-out images).
+    teachers = max((r["teachers"] for r in rows), key=len, default={})
     for (name, acc), ls in zip(sorted(teachers.items(), key=lambda t: -t[1]), ("-", "--", "-.", ":")):
         ax.axhline(100 * acc, color="tab:green", lw=1, ls=ls, label=f"teacher {name}")
     start = next((r["start"] for r in rows if r.get("start") is not None), None)

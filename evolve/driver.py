@@ -822,9 +822,19 @@ class EvolveRun:
         else:
             bought = svc.buy(list(zip(self.heldout, self.heldout_seeds)))
         for t, res in bought.items():
-            imgs = [from_png(self.store.get(r["ref"])) if "ref" in r else np.zeros((1, 1, 3), np.uint8)
-                    for r in res]
-            teachers[t] = score(self.heldout, imgs).to_dict()
+            got = [(p, from_png(self.store.get(r["ref"]))) for p, r in zip(self.heldout, res) if "ref" in r]
+            refused = [r.get("kind", "error") for r in res if "ref" not in r]
+            if not got:
+                self.say(f"teacher {t}: not scored, none of its {len(res)} held-out images was bought "
+                         f"({', '.join(sorted(set(refused)))})")
+                continue
+            # An image the teacher did not deliver (its budget spent, a refusal) is
+            # not a wrong image: score what was bought, and say how much is missing.
+            scored = score([p for p, _ in got], [i for _, i in got]).to_dict()
+            teachers[t] = {**scored, "not_bought": len(refused)}
+            if refused:
+                self.say(f"teacher {t}: scored on {len(got)} of {len(res)} held-out images; "
+                         f"{len(refused)} not bought ({', '.join(sorted(set(refused)))})")
         return write_report(self.folder, teachers, svc.teacher_stats(), wall_s, self.say, final,
                             stopped=stopped)
 

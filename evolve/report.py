@@ -71,7 +71,9 @@ def _markdown(rep: dict) -> str:
            f"spend ${rep['total_spend']:.2f}; stopped: {rep.get('stopped', 'rounds')}.\n\n"
            "## Held-out accuracy\n", head,
            row("student (start)", rep["student"]["start"]), row("student (final)", rep["student"]["final"])]
-    out += [row(f"teacher {t}", s) for t, s in rep["teachers"].items()]
+    for t, s in rep["teachers"].items():
+        partial = f" (on {s['n']} images, {s['not_bought']} not bought)" if s.get("not_bought") else ""
+        out.append(row(f"teacher {t}{partial}", s))
     out.append("\n## Rounds\n| round | held-out | student win rate | dataset | bought | spend |\n|---|---|---|---|---|---|\n")
     for r in rep["rounds"]:
         out.append(f"| {r['round']} | {r['heldout']['overall']:.1%} | {r['student_win_rate']:.0%} | "

@@ -312,3 +312,35 @@ def test_stop_reasons(tmp_path):
     teachers = [{"name": n, "budget": 1.0, "price_per_image": 0.5} for n in ("aurora", "brush", "canvas")]
     assert reason(Spent({"aurora": 0.6, "brush": 0.6, "canvas": 0.6}), teachers=teachers) == "budget"
     assert reason(Spent({"aurora": 0.6, "brush": 0.6}), teachers=teachers) is None
+
+
+def test_teachers_are_scored_on_the_images_they_delivered(tmp_path):
+    """A held-out image a teacher did not deliver (its budget spent) is left
+    out of its score and counted as not bought, not scored as a wrong image."""
+    from evolve.dataset import write_json_atomic
+    from evolve.driver import EvolveRun
+    from evolve.shapes.render import render, to_png
+
+    said: list[str] = []
+    run = EvolveRun(RunConfig(run_dir=tmp_path / "run", heldout_per_category=1), progress=said.append)
+    run.folder.make()
+    write_json_atomic(run.folder.rounds / "baseline.json", {"heldout": {"overall": 0.5, "per_category": {}, "n": 1}})
+    refs = [run.store.put(to_png(render(p, s, 32))) for p, s in zip(run.heldout, run.heldout_seeds)]
+    refusal = {"error": "teacher aurora: budget 1.0000 reached", "kind": "budget"}
+
+    class Svc:
+        def buy(self, items):
+            assert [p for p, _ in items] == run.heldout
+            return {"aurora": [{"ref": r} for r in refs[:-2]] + [refusal, refusal],  # the last two refused
+                    "brush": [refusal] * len(refs)}
+
+        def teacher_stats(self):
+            return {"aurora": {"paid_calls": 0, "spent": 1.0}, "brush": {"paid_calls": 0, "spent": 1.0}}
+
+    rep = run.final_report(Svc(), 1.0)
+    aurora = rep["teachers"]["aurora"]
+    assert aurora["overall"] == 1.0 and aurora["n"] == len(refs) - 2 and aurora["not_bought"] == 2
+    assert "brush" not in rep["teachers"]
+    assert any("teacher aurora: scored on 4 of 6 held-out images; 2 not bought (budget)" in m for m in said)
+    assert any("teacher brush: not scored" in m for m in said)
+    assert "teacher aurora (on 4 images, 2 not bought)" in (tmp_path / "run" / "report.md").read_text()
