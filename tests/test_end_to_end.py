@@ -126,6 +126,10 @@ def test_run_folder_refuses_other_config(ray_local, tmp_path):
     RunConfig(run_dir=tmp_path / "run", seed=99).save(tmp_path / "run" / "config.json")
     with pytest.raises(ValueError, match="another config"):
         EvolveRun(cfg).run()
+    # A folder that was moved (its recorded run_dir differs, nothing else) is the same run.
+    RunConfig(run_dir=tmp_path / "moved-from").save(tmp_path / "run" / "config.json")
+    EvolveRun(cfg)._check_config()
+    assert RunConfig.load(tmp_path / "run" / "config.json").run_dir == tmp_path / "run"
 
 
 def train_worker_pids() -> list[int]:
