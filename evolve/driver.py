@@ -825,9 +825,9 @@ class EvolveRun:
         for t, res in bought.items():
             got = [(p, from_png(self.store.get(r["ref"]))) for p, r in zip(self.heldout, res) if "ref" in r]
             refused = [r.get("kind", "error") for r in res if "ref" not in r]
+            why = ", ".join(sorted(set(refused)))
             if not got:
-                self.say(f"teacher {t}: not scored, none of its {len(res)} held-out images was bought "
-                         f"({', '.join(sorted(set(refused)))})")
+                self.say(f"teacher {t}: not scored, none of its {len(res)} held-out images was bought ({why})")
                 continue
             # An image the teacher did not deliver (its budget spent, a refusal) is
             # not a wrong image: score what was bought, and say how much is missing.
@@ -835,7 +835,7 @@ class EvolveRun:
             teachers[t] = {**scored, "not_bought": len(refused)}
             if refused:
                 self.say(f"teacher {t}: scored on {len(got)} of {len(res)} held-out images; "
-                         f"{len(refused)} not bought ({', '.join(sorted(set(refused)))})")
+                         f"{len(refused)} not bought ({why})")
         return write_report(self.folder, teachers, svc.teacher_stats(), wall_s, self.say, final,
                             stopped=stopped)
 

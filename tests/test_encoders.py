@@ -158,6 +158,25 @@ def test_precompute_local_encodes_only_new_rows(tmp_path, encoders):
     np.testing.assert_array_equal(np.load(third[3]["latent_path"]), encoders.encode_images(img)[0])
 
 
+def test_load_features_reads_the_training_arrays(tmp_path, encoders):
+    from evolve.student.encoders import load_features
+
+    rows = _put_images(tmp_path / "images", PROMPTS)
+    precompute_local(rows, tmp_path / "features", tmp_path / "images", encoders)
+    batch = {"prompt": np.array([r["prompt"] for r in rows], dtype=object),
+             "image_ref": np.array([r["image_ref"] for r in rows], dtype=object)}
+    out = load_features(batch, str(tmp_path / "features"))
+    assert out["latent"].shape == (3, 4, 4, 4) and out["caption"].shape == (3, 120, 32)
+    assert out["caption_mask"].shape == (3, 120) and out["caption_mask"].dtype == bool
+    emb, mask = encoders.encode_prompts([PROMPTS[1]])
+    np.testing.assert_array_equal(out["caption"][1], emb[0])
+    np.testing.assert_array_equal(out["caption_mask"][1], mask[0])
+    # A row whose features were never computed is named, not read as garbage.
+    batch["prompt"][2] = "three cyan squares"
+    with pytest.raises(KeyError, match="three cyan squares"):
+        load_features(batch, str(tmp_path / "features"))
+
+
 def test_store_refuses_features_of_other_encoders(tmp_path, encoders):
     rows = _put_images(tmp_path / "images", PROMPTS[:1])
     precompute_local(rows, tmp_path / "features", tmp_path / "images", encoders)

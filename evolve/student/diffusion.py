@@ -53,9 +53,14 @@ def sample_timesteps(n: int, num_train_timesteps: int, shift: float = 1.0,
     return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
+def drop_mask(n: int, p: float, rng: random.Random) -> list[bool]:
+    """Classifier-free guidance training: which of n captions to drop (each with chance p)."""
+    return [rng.random() < p for _ in range(n)]
+
+
 def drop_prompts(prompts: list[str], p: float, rng: random.Random) -> list[str]:
-    """Classifier-free guidance training: replace a prompt by "" with chance p."""
-    return ["" if rng.random() < p else s for s in prompts]
+    """Replace each prompt by "" (the null caption) with chance p."""
+    return ["" if d else s for s, d in zip(prompts, drop_mask(len(prompts), p, rng))]
 
 
 def training_loss(student: nn.Module, noise_scheduler, images: torch.Tensor, input_ids: torch.Tensor,

@@ -414,18 +414,17 @@ def precompute_features(ds, store_root: str, images_root: str, cfg: EncoderConfi
         num_gpus=cfg.num_gpus if num_gpus is None else num_gpus, num_cpus=num_cpus, batch_format="numpy")
 
 
-def load_features(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows with "latent_path" and "text_path" -> the arrays a LatentStudent
-    trains on: "latent" (C, h, w), "caption" (L, D), "caption_mask" (L,)."""
-    texts = [np.load(p, allow_pickle=False) for p in batch["text_path"]]
-    try:
-        return {"prompt": batch["prompt"],
-                "latent": np.stack([np.load(p, allow_pickle=False) for p in batch["latent_path"]]),
-                "caption": np.stack([t["emb"] for t in texts]),
-                "caption_mask": np.stack([t["mask"] for t in texts])}
-    finally:
-        for t in texts:
-            t.close()
+def load_features(batch: dict[str, np.ndarray], store_root: str) -> dict[str, np.ndarray]:
+    """Rows {"prompt", "image_ref"} whose features are in the store -> the
+    arrays a LatentStudent trains on: "latent" (C, h, w), "caption" (L, D),
+    "caption_mask" (L,). Reads through FeatureStore, so a prompt-key
+    collision or a missing feature is an error that names it."""
+    store = FeatureStore(store_root)
+    texts = [store.get_text(str(p)) for p in batch["prompt"]]
+    return {"prompt": batch["prompt"],
+            "latent": np.stack([store.get_latent(str(r)) for r in batch["image_ref"]]),
+            "caption": np.stack([emb for emb, _ in texts]),
+            "caption_mask": np.stack([mask for _, mask in texts])}
 
 
 def latent_dataset(rows: list[dict], store_root: str, images_root: str, cfg: EncoderConfig,
@@ -441,4 +440,5 @@ def latent_dataset(rows: list[dict], store_root: str, images_root: str, cfg: Enc
     blocks = max(min_blocks, math.ceil(len(rows) / cfg.batch_size), 1)
     ds = ray.data.from_items(rows, override_num_blocks=min(blocks, max(len(rows), 1)))
     return precompute_features(ds, store_root, images_root, cfg, num_cpus=num_cpus, whole_blocks=True).map_batches(
-        load_features, batch_format="numpy", batch_size=None, num_cpus=num_cpus)
+        load_features, fn_kwargs={"store_root": str(store_root)}, batch_format="numpy", batch_size=None,
+        num_cpus=num_cpus)

@@ -40,7 +40,7 @@ import torch
 
 from evolve.config import StudentConfig, TrainConfig
 from evolve.dataset import atomic_dir
-from evolve.student.diffusion import EMA, drop_prompts, make_noise_scheduler, training_loss
+from evolve.student.diffusion import EMA, drop_mask, drop_prompts, make_noise_scheduler, training_loss
 from evolve.student.model import EMA_NAME, WEIGHTS_NAME, build_student
 
 OPTIMIZER_NAME = "optimizer.pt"
@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
         idx = next(data["order"])
         if scfg.is_latent:
             cap, mask = data["caption"][idx].float(), data["caption_mask"][idx]
-            drop = torch.tensor([rng.random() < tcfg.cond_drop for _ in range(len(idx))])
+            drop = torch.tensor(drop_mask(len(idx), tcfg.cond_drop, rng), dtype=torch.bool)
             cap[drop], mask[drop] = data["null_caption"], data["null_mask"]
             x = data["latent"][idx].to(device, non_blocking=True).float()
             return x, cap.to(device), mask.to(device)
