@@ -270,6 +270,9 @@ class TrainConfig(_Strict):
                                    "curriculum (exact renders, no teacher images): keeps deleted skills")
     replay_per_prompt: int = Field(8, ge=1, description="renders per base-curriculum prompt in the replay pool")
     torch_threads: int = Field(1, ge=1)
+    features_in_memory: bool = Field(True, description="latent students: hold the shard's latents and captions "
+                                     "in worker memory (fastest; ~1 MB a PixArt caption), or read each batch's "
+                                     "from the run's FeatureStore, one batch ahead (memory stays flat)")
     report_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     # How training meets the loop. "continuous": one Ray Train run for the

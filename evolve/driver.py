@@ -217,7 +217,7 @@ def version_dataset(cfg: RunConfig, folder: RunFolder, records: list[Record]):
         from evolve.student.encoders import latent_dataset
 
         ds = latent_dataset(rows, str(folder.features), store_root, cfg.student.encoders,
-                            min_blocks=cfg.train.num_workers)
+                            min_blocks=cfg.train.num_workers, in_memory=cfg.train.features_in_memory)
         ds.context.enable_progress_bars = False
         return ds
 

@@ -233,3 +233,53 @@ def test_loads_saved_encoders_from_a_pipeline_folder(tmp_path, encoders):
     e0, m0 = encoders.encode_prompts(PROMPTS)
     np.testing.assert_array_equal(m1, m0)
     np.testing.assert_array_equal(e1, e0)
+
+
+def test_streamed_batches_equal_batches_held_in_memory(tmp_path, encoders):
+    """TrainConfig.features_in_memory off: the trainer reads each batch's
+    features from the store (one batch ahead, in a thread) and trains on
+    exactly the batches it would have held in memory."""
+    import random
+
+    import torch
+
+    from evolve.config import StudentConfig
+    from evolve.student.encoders import load_features
+    from evolve.student.model import build_student
+    from evolve.student.train import Batches
+
+    prompts = PROMPTS + ["three circles", "a square left of a circle"]
+    rows = _put_images(tmp_path / "images", prompts)
+    feats = str(tmp_path / "features")
+    precompute_local(rows, feats, tmp_path / "images", encoders)
+    cols = {"prompt": np.array(prompts, dtype=object), "image_ref": np.array([r["image_ref"] for r in rows], dtype=object)}
+    arrays = {k: torch.from_numpy(v) for k, v in load_features(cols, feats).items() if k != "prompt"}
+    held = {"n": 5, **arrays}
+    streamed = {"n": 5, "prompts": prompts, "image_refs": [r["image_ref"] for r in rows]}
+
+    cfg = StudentConfig(arch="pixart", image_size=32, latent_channels=4, vae_scale=8, caption_channels=32,
+                        max_tokens=120, hidden_size=32, num_layers=1, num_heads=2, patch_size=2,
+                        encoders=encoders.cfg)
+    student = build_student(cfg)
+    emb, mask = FeatureStore(feats).get_text("")  # put there by the precompute
+    null = torch.from_numpy(emb).float(), torch.from_numpy(mask)
+
+    def draw(shard: dict, n: int) -> list[tuple[torch.Tensor, ...]]:
+        feeder = Batches(student, cfg, 0.5, 2, torch.device("cpu"), torch.Generator().manual_seed(3),
+                         random.Random(3), features=feats)
+        feeder.null = null
+        feeder.use(shard)
+        out = [feeder.next() for _ in range(n)]
+        feeder.use(shard)  # a new version mid-epoch: the batch loading ahead is dropped
+        return out + [feeder.next() for _ in range(n)]
+
+    a, b = draw(held, 6), draw(streamed, 6)  # 12 batches of 2: several epochs of 5 rows
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            assert torch.equal(u, v)
+    assert any(m[:, 1:].any() for _, _, m in a) and any(not m[:, 1:].any() for _, _, m in a)  # some dropped
+
+    feeder = Batches(student, cfg, 0.0, 2, torch.device("cpu"), torch.Generator(), random.Random(0))
+    feeder.null = null
+    with pytest.raises(ValueError, match="FeatureStore root"):
+        feeder.use(streamed)

@@ -5,6 +5,7 @@ A whole latent run is submitted as a Ray job in tests/test_job_submit.py."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,47 @@ def test_shipped_latent_configs():
     assert real.init_checkpoint is not None and real.train.use_gpu
     tiny = RunConfig.load(root / "latent-tiny.yaml")
     assert tiny.student.is_latent and tiny.from_scratch
+
+
+def test_latent_batches_drop_captions_to_the_null_caption():
+    import random
+
+    from evolve.student.train import Batches
+
+    s = build_student(CFG)
+    shard = {"n": 3, "latent": torch.randn(3, 4, 16, 16).half(), "caption": torch.randn(3, 12, 32).half(),
+             "caption_mask": torch.ones(3, 12, dtype=torch.bool)}
+    feeder = Batches(s, CFG, 1.0, 2, torch.device("cpu"), torch.Generator(), random.Random(0))
+    with pytest.raises(RuntimeError, match="null caption"):
+        feeder.use(shard)
+    null = torch.full((12, 32), 0.5), torch.tensor([True] + [False] * 11)
+    feeder.null = null
+    feeder.use(shard)
+    x, cap, mask = feeder.next()
+    assert x.dtype == torch.float32 and x.shape == (2, 4, 16, 16)
+    assert (cap == 0.5).all() and mask.sum().item() == 2
+    assert shard["caption"].abs().sum() > 0 and not (shard["caption"] == 0.5).all()  # the shard is untouched
+
+
+@pytest.mark.integration
+def test_latent_fit_with_features_held_in_memory(ray_local, tmp_path):
+    """fit_student on latent_dataset's arrays (features_in_memory, the
+    default). The streamed path (features read per batch) is what
+    configs/latent-tiny.yaml runs in tests/test_job_submit.py."""
+    import json
+
+    from evolve.shapes.render import render, to_png
+    from evolve.store import ImageStore
+    from evolve.student.encoders import FeatureStore, latent_dataset
+    from evolve.student.train import fit_student
+
+    store = ImageStore(tmp_path / "images")
+    prompts = ["a red circle", "two squares", "a blue triangle", "three circles"] * 2
+    rows = [{"prompt": p, "image_ref": store.put(to_png(render(p, seed=i, size=32)))} for i, p in enumerate(prompts)]
+    ds = latent_dataset(rows, str(tmp_path / "features"), str(tmp_path / "images"), ENC, min_blocks=2)
+    tcfg = TrainConfig(batch_size=4, num_workers=2, cond_drop=0.5, worker_nice=0)
+    out = fit_student(ds, student_cfg=CFG, train_cfg=tcfg, steps=4, storage_path=tmp_path / "rt", name="latent",
+                      features=tmp_path / "features")
+    assert isinstance(load_pretrained(out), LatentStudent)
+    assert json.loads((Path(out) / "state.json").read_text())["step"] == 4
+    assert all(FeatureStore(tmp_path / "features").has_latent(r["image_ref"]) for r in rows)

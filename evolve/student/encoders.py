@@ -428,17 +428,22 @@ def load_features(batch: dict[str, np.ndarray], store_root: str) -> dict[str, np
 
 
 def latent_dataset(rows: list[dict], store_root: str, images_root: str, cfg: EncoderConfig,
-                   min_blocks: int = 1, num_cpus: float = 0.25):
+                   min_blocks: int = 1, num_cpus: float = 0.25, in_memory: bool = True):
     """Rows {"prompt", "image_ref"} -> a Ray Dataset of what a LatentStudent
     trains on: {"prompt", "latent", "caption", "caption_mask"}; missing
     features are encoded first (precompute_features), the rest read from the
-    store. Blocks of about cfg.batch_size rows (one encoder batch each), at
-    least `min_blocks` of them (one per training worker: `split` deals out
-    whole blocks, and a repartition would need a whole free CPU)."""
+    store. With `in_memory` off, the rows stay {"prompt", "image_ref"} (their
+    features encoded, not read): the trainer reads each batch's from the
+    store, and neither the object store nor a worker holds them all. Blocks
+    of about cfg.batch_size rows (one encoder batch each), at least
+    `min_blocks` of them (one per training worker: `split` deals out whole
+    blocks, and a repartition would need a whole free CPU)."""
     import ray
 
     blocks = max(min_blocks, math.ceil(len(rows) / cfg.batch_size), 1)
     ds = ray.data.from_items(rows, override_num_blocks=min(blocks, max(len(rows), 1)))
-    return precompute_features(ds, store_root, images_root, cfg, num_cpus=num_cpus, whole_blocks=True).map_batches(
-        load_features, fn_kwargs={"store_root": str(store_root)}, batch_format="numpy", batch_size=None,
-        num_cpus=num_cpus)
+    ds = precompute_features(ds, store_root, images_root, cfg, num_cpus=num_cpus, whole_blocks=True)
+    if not in_memory:
+        return ds.select_columns(["prompt", "image_ref"], num_cpus=num_cpus)
+    return ds.map_batches(load_features, fn_kwargs={"store_root": str(store_root)}, batch_format="numpy",
+                          batch_size=None, num_cpus=num_cpus)

@@ -86,11 +86,16 @@ def load_shard(shard, scfg: StudentConfig) -> dict:
     """Read one pass of a Ray Data shard into memory. A Student's rows are
     {"prompt", "image": PNG bytes} -> {"prompts", "images": uint8 (N, 3, S, S)};
     a LatentStudent's are precomputed features -> {"latent" (N, C, h, w),
-    "caption" (N, L, D), "caption_mask" (N, L)}. Both also get "n"."""
+    "caption" (N, L, D), "caption_mask" (N, L)}, or, when its features stay
+    on disk (TrainConfig.features_in_memory off), only what names them:
+    {"prompts", "image_refs"}. All also get "n"."""
     parts = list(shard.iter_batches(batch_size=256, batch_format="numpy"))
     n = sum(len(b["prompt"]) for b in parts)
     if not n:
         raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
+    if scfg.is_latent and "latent" not in parts[0]:
+        return {"n": n, "prompts": [str(p) for b in parts for p in b["prompt"]],
+                "image_refs": [str(r) for b in parts for r in b["image_ref"]]}
     if scfg.is_latent:
         return {"n": n, **{k: torch.from_numpy(np.concatenate([b[k] for b in parts])) for k in LATENT_COLUMNS}}
     prompts, images = rows_to_tensors([{"prompt": p, "image": b} for part in parts
@@ -129,6 +134,140 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
 
 
+# -- one step ------------------------------------------------------------------------
+class Batches:
+    """Shuffled batches, epoch after epoch, from a shard (load_shard's dict), ready
+    for the step: (x, conditioning, its mask) on the device, captions dropped
+    at cond_drop for classifier-free guidance. A pixel student's batches can
+    also replay rows of `replay` (prompts, uint8 images), n_replay per batch.
+
+    A latent shard without its arrays ({"prompts", "image_refs"}) is read
+    batch by batch from the FeatureStore at `features`, the next batch loading
+    in a thread while the current one trains.
+
+    `generator` orders the batches, `rng` drops the captions; the Ray Train
+    loop and the plain benchmark loop both draw from this class."""
+
+    def __init__(self, student: torch.nn.Module, scfg: StudentConfig, cond_drop: float, batch_size: int,
+                 device: torch.device, generator: torch.Generator, rng: random.Random,
+                 replay: tuple[list[str], torch.Tensor] | None = None, n_replay: int = 0,
+                 replay_generator: torch.Generator | None = None, features: str | None = None) -> None:
+        self.student, self.scfg, self.cond_drop, self.device = student, scfg, cond_drop, device
+        self.gen, self.rng = generator, rng
+        self.n_replay = n_replay if replay is not None else 0
+        self.batch_size = max(1, batch_size - self.n_replay)
+        self.replay = replay
+        if self.n_replay:
+            self.replay_order = batches(len(replay[0]), self.n_replay, replay_generator or torch.Generator())
+        self.shard: dict | None = None
+        self.null: tuple[torch.Tensor, torch.Tensor] | None = None  # a LatentStudent's caption for ""
+        self.seconds = 0.0  # spent assembling batches: the data loader's share of the step
+        self.features = features
+        self.pending = None  # streamed features: the next batch, loading
+        self.pool = None
+
+    @property
+    def n(self) -> int:
+        return self.shard["n"]
+
+    def use(self, shard: dict) -> None:
+        """Train on this shard from now on (a new epoch order)."""
+        if self.scfg.is_latent and self.null is None:
+            raise RuntimeError("a latent student's batches need the null caption (set .null) first")
+        if self.scfg.is_latent and "image_refs" in shard and self.features is None:
+            raise ValueError("a shard of feature references needs the FeatureStore root (features=)")
+        self.shard = shard
+        self.order = batches(shard["n"], self.batch_size, self.gen)
+        self.pending = None  # a batch of the old shard, loading: dropped
+
+    def _read_features(self, shard: dict, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        from evolve.student.encoders import load_features
+
+        batch = {"prompt": np.array([shard["prompts"][i] for i in idx], dtype=object),
+                 "image_ref": np.array([shard["image_refs"][i] for i in idx], dtype=object)}
+        return {k: torch.from_numpy(v) for k, v in load_features(batch, self.features).items() if k != "prompt"}
+
+    def _streamed(self) -> dict[str, torch.Tensor]:
+        """The features of the batch loaded ahead, with the next one started."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="feature-prefetch")
+        if self.pending is None:  # a new shard: nothing loaded ahead yet
+            self.pending = self.pool.submit(self._read_features, self.shard, next(self.order))
+        now = self.pending.result()
+        self.pending = self.pool.submit(self._read_features, self.shard, next(self.order))
+        return now
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = time.perf_counter()
+        if self.scfg.is_latent and "image_refs" in self.shard:
+            data, idx = self._streamed(), slice(None)
+        else:
+            data, idx = self.shard, next(self.order)
+        if self.scfg.is_latent:
+            cap, mask = data["caption"][idx].float(), data["caption_mask"][idx]
+            drop = torch.tensor(drop_mask(len(cap), self.cond_drop, self.rng), dtype=torch.bool)
+            cap[drop], mask[drop] = self.null
+            out = data["latent"][idx].to(self.device, non_blocking=True).float(), cap, mask
+        else:
+            prompts, x = [data["prompts"][i] for i in idx], data["images"][idx]
+            if self.n_replay:
+                ridx = next(self.replay_order)
+                prompts += [self.replay[0][i] for i in ridx]
+                x = torch.cat([x, self.replay[1][ridx]])
+            ids, mask = self.student.encode_prompts(drop_prompts(prompts, self.cond_drop, self.rng))
+            out = to_model_range(x.to(self.device, non_blocking=True)), ids, mask
+        x, cond, mask = out[0], out[1].to(self.device), out[2].to(self.device)
+        self.seconds += time.perf_counter() - t
+        return x, cond, mask
+
+
+class TrainStep:
+    """One optimizer step: loss at random timesteps (autocast as configured),
+    backward (fp16: scaled), gradient clipping, AdamW, EMA update. `model` is
+    what runs forward (DDP-wrapped or not), `student` the module the EMA tracks."""
+
+    def __init__(self, model: torch.nn.Module, student: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
+                 scfg: StudentConfig, tcfg: TrainConfig, device: torch.device, generator: torch.Generator) -> None:
+        self.model, self.student, self.ema, self.opt = model, student, ema, optimizer
+        self.scfg, self.tcfg, self.device, self.gen = scfg, tcfg, device, generator
+        self.noise_sched = make_noise_scheduler(scfg)
+        self.amp = autocast_dtype(tcfg.mixed_precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, lr: float) -> torch.Tensor:
+        """-> the loss, detached (reading it is the caller's device sync, when it wants one)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = training_loss(self.model, self.noise_sched, x, cond, mask, self.scfg.prediction_type,
+                                 self.tcfg.t_shift, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # fp16: scaled loss, gradients unscaled before clipping
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if self.tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.ema.update(self.student)
+        return loss.detach()
+
+
+def lr_schedule(tcfg: TrainConfig, warm_offset: int = 0):
+    """n (lifetime step) -> lr: linear warm-up over the optimizer's first warmup_steps."""
+    def lr_at(n: int) -> float:
+        n -= warm_offset
+        return tcfg.lr * min(1.0, (n + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else tcfg.lr
+    return lr_at
+
+
 # -- the loop ------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker loop. config: {"student": StudentConfig dict, "train":
@@ -163,12 +302,10 @@ def train_loop_per_worker(config: dict) -> None:
     # The device first: EMA and optimizer state then live where the weights do
     # (a checkpoint's tensors are copied in, whatever device they were saved from).
     device = ray.train.torch.get_device()
-    amp = autocast_dtype(tcfg.mixed_precision, device)
     torch.manual_seed(tcfg.seed)
     student = build_student(scfg).to(device)
     ema = EMA(student, tcfg.ema_max_decay)
     opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
 
     state: dict = {}
     step = 0
@@ -183,53 +320,38 @@ def train_loop_per_worker(config: dict) -> None:
     start_total = total - step
     # lr warm-up counts the optimizer's own steps: a fresh AdamW (random init, or
     # a checkpoint shipped without optimizer.pt) warms up again, a loaded one not.
-    warm_offset = 0 if state.get("optimizer_loaded") else total - step
+    lr_at = lr_schedule(tcfg, 0 if state.get("optimizer_loaded") else total - step)
 
     model = ray.train.torch.prepare_model(student)
-    noise_sched = make_noise_scheduler(scfg)
     local_bs = max(1, tcfg.batch_size // world)
     # Prior preservation: part of every batch replays exact renders of the base
     # curriculum (what the base student was pretrained on; no teacher image),
     # so that skills whose prompts the loop deleted are not forgotten.
     # (Pixel students only: the curriculum is shapes-world renders, not latents.)
     n_replay = round(local_bs * tcfg.replay_fraction) if tcfg.replay_fraction > 0 and not scfg.is_latent else 0
+    replay = None
     if n_replay:
         from evolve.pretrain import curriculum
 
-        r_prompts, r_images = rows_to_tensors(curriculum(tcfg.replay_per_prompt, scfg.image_size,
-                                                         seed=1000 + rank), scfg.image_size)
-        replay_order = batches(len(r_prompts), n_replay, torch.Generator().manual_seed(tcfg.seed + rank + total))
+        replay = rows_to_tensors(curriculum(tcfg.replay_per_prompt, scfg.image_size, seed=1000 + rank),
+                                 scfg.image_size)
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank + 7919 * total)
-    rng = random.Random(tcfg.seed * 1000 + rank + 7919 * total)
-    data = {"version": None, "wait_s": 0.0, "batch_s": 0.0}  # waits on the feed; assembling batches
+    feeder = Batches(student, scfg, tcfg.cond_drop, local_bs, device, gen,
+                     random.Random(tcfg.seed * 1000 + rank + 7919 * total), replay, n_replay,
+                     torch.Generator().manual_seed(tcfg.seed + rank + total), config.get("features"))
+    train_step = TrainStep(model, student, ema, opt, scfg, tcfg, device, gen)
+    data = {"version": None, "wait_s": 0.0}  # the version trained on; time spent waiting on the feed
 
     def use_shard(shard) -> None:
-        data.update(load_shard(shard, scfg))
-        if scfg.is_latent and "null_caption" not in data:
+        part = load_shard(shard, scfg)  # reading it runs its precompute (Ray Data is lazy)
+        if scfg.is_latent and feeder.null is None:
             # What a dropped caption becomes (classifier-free guidance); the
             # precompute that made the shard has put it in the store.
             from evolve.student.encoders import FeatureStore
 
             emb, mask = FeatureStore(config["features"]).get_text("")
-            data["null_caption"], data["null_mask"] = torch.from_numpy(emb).float(), torch.from_numpy(mask)
-        data["order"] = batches(data["n"], max(1, local_bs - n_replay), gen)
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, conditioning, its mask) on the device, prompts dropped at cond_drop."""
-        idx = next(data["order"])
-        if scfg.is_latent:
-            cap, mask = data["caption"][idx].float(), data["caption_mask"][idx]
-            drop = torch.tensor(drop_mask(len(idx), tcfg.cond_drop, rng), dtype=torch.bool)
-            cap[drop], mask[drop] = data["null_caption"], data["null_mask"]
-            x = data["latent"][idx].to(device, non_blocking=True).float()
-            return x, cap.to(device), mask.to(device)
-        batch_prompts, x = [data["prompts"][i] for i in idx], data["images"][idx]
-        if n_replay:
-            ridx = next(replay_order)
-            batch_prompts += [r_prompts[i] for i in ridx]
-            x = torch.cat([x, r_images[ridx]])
-        ids, mask = student.encode_prompts(drop_prompts(batch_prompts, tcfg.cond_drop, rng))
-        return to_model_range(x.to(device, non_blocking=True)), ids.to(device), mask.to(device)
+            feeder.null = torch.from_numpy(emb).float(), torch.from_numpy(mask)
+        feeder.use(part)
 
     def progress() -> dict:
         """Where training stands, for the feed (the loop's view of the trainer)."""
@@ -260,15 +382,11 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         snapshot_dir.mkdir(parents=True, exist_ok=True)
 
-    def lr_at(n: int) -> float:
-        n -= warm_offset
-        return tcfg.lr * min(1.0, (n + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else tcfg.lr
-
     def report(metrics: dict, with_checkpoint: bool) -> None:
         state_now = {"step": step, "total_steps": total, "ema_updates": ema.num_updates,
                      "run_start_total": start_total, "loss": metrics.get("loss"),
                      "images_per_s": metrics.get("images_per_s"), "train_s": time.perf_counter() - t_start,
-                     "feed_wait_s": data["wait_s"], "batch_s": data["batch_s"]}
+                     "feed_wait_s": data["wait_s"], "batch_s": feeder.seconds}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -296,37 +414,18 @@ def train_loop_per_worker(config: dict) -> None:
                 ans = poll_feed(held=True)
             if ans["stop"]:
                 break
-        t_batch = time.perf_counter()
-        x, cond, mask = next_batch()
-        data["batch_s"] += time.perf_counter() - t_batch  # the data loader's share of the step
-        for g in opt.param_groups:
-            g["lr"] = lr_at(total)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = training_loss(model, noise_sched, x, cond, mask, scfg.prediction_type, tcfg.t_shift, gen)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scaled loss, gradients unscaled before clipping
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        ema.update(student)
+        x, cond, mask = feeder.next()
+        loss = train_step(x, cond, mask, lr_at(total))
         step += 1
         total += 1
-        losses.append(loss.detach())  # read at report time: no device sync per step
+        losses.append(loss)  # read at report time: no device sync per step
         seen += len(x) * world
         last = step == steps
         if step % tcfg.report_every == 0 or last:
             now = time.perf_counter()
             metrics = {"loss": float(torch.stack(losses).float().mean()), "step": step, "total_steps": total,
                        "images_per_s": seen / max(now - t_last, 1e-9), "lr": lr_at(total - 1),
-                       "epoch": step * local_bs / data["n"], "data_wait_s": data["wait_s"],
+                       "epoch": step * local_bs / feeder.n, "data_wait_s": data["wait_s"],
                        "train_s": now - t_start}
             state["loss"], state["images_per_s"] = metrics["loss"], metrics["images_per_s"]
             ckpt = last or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
