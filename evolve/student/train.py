@@ -304,6 +304,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(tcfg.seed)
     student = build_student(scfg).to(device)
+    if tcfg.gradient_checkpointing:
+        student.denoiser.enable_gradient_checkpointing()
     ema = EMA(student, tcfg.ema_max_decay)
     opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
