@@ -252,7 +252,8 @@ def test_streamed_batches_equal_batches_held_in_memory(tmp_path, encoders):
     rows = _put_images(tmp_path / "images", prompts)
     feats = str(tmp_path / "features")
     precompute_local(rows, feats, tmp_path / "images", encoders)
-    cols = {"prompt": np.array(prompts, dtype=object), "image_ref": np.array([r["image_ref"] for r in rows], dtype=object)}
+    cols = {"prompt": np.array(prompts, dtype=object),
+            "image_ref": np.array([r["image_ref"] for r in rows], dtype=object)}
     arrays = {k: torch.from_numpy(v) for k, v in load_features(cols, feats).items() if k != "prompt"}
     held = {"n": 5, **arrays}
     streamed = {"n": 5, "prompts": prompts, "image_refs": [r["image_ref"] for r in rows]}
