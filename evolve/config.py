@@ -24,11 +24,29 @@ class _Strict(BaseModel):
 
     @classmethod
     def load(cls, path: Path | str):
-        """From a YAML (.yaml/.yml) or JSON file."""
-        path = Path(path)
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        return cls.model_validate(data or {})
+        """From a YAML (.yaml/.yml) or JSON file. A top-level `extends: other.yaml`
+        (relative to the file) starts from that file; the keys given here
+        replace its keys, nested mappings key by key."""
+        return cls.model_validate(_read_config(Path(path)))
+
+
+def _read_config(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config files extend each other in a circle: {' -> '.join(map(str, seen + (path,)))}")
+    text = path.read_text()
+    data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a mapping, not {type(data).__name__}")
+    base = data.pop("extends", None)
+    return _merge(_read_config(path.parent / base, seen + (path,)), data) if base else data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 class FlawProfile(_Strict):
@@ -95,6 +113,12 @@ def default_teachers() -> list[TeacherConfig]:
     ]
 
 
+def bucket_multiple(image_size: int) -> int:
+    """Aspect-ratio buckets' sides are multiples of this: image_size / 16, as
+    PixArt-alpha's bins (64 px at 1024, 32 at 512, 16 at 256), and at least 16."""
+    return max(image_size // 16, 16)
+
+
 class EncoderConfig(_Strict):
     """Which frozen encoders make the student's inputs, and how they run."""
 
@@ -111,6 +135,11 @@ class EncoderConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="images / prompts per encoder forward")
     num_gpus: float = Field(0.0, ge=0, description="each precompute actor's share of a GPU")
     store_dtype: Literal["float16", "float32"] = Field("float16", description="what is written to disk")
+    image_size: int | None = Field(None, ge=16, description="side images are resized to (cover, then centre "
+                                   "crop) before encoding; None: as they come. A latent student sets its own")
+    aspect_buckets: bool = Field(False, description="resize each image to the nearest of PixArt-alpha's 33 "
+                                 "aspect-ratio buckets of image_size's area instead of a square (multi-aspect "
+                                 "training; needs train.features_in_memory off)")
     # Tiny random encoders (vae / text_encoder None). Seeded so that every
     # process (each Ray actor) builds the same weights and features agree.
     tiny_seed: int = 0
@@ -205,8 +234,16 @@ class StudentConfig(_Strict):
         if enc.text_encoder is None:
             want["caption_channels"] = enc.tiny_text_dim
         wrong = {k: (getattr(self, k), v) for k, v in want.items() if getattr(self, k) != v}
+        if enc.image_size is not None and enc.image_size != self.image_size:
+            wrong["image_size"] = (self.image_size, enc.image_size)
         if wrong:
             raise ValueError(f"student and its encoders disagree (field: (student, encoders)): {wrong}")
+        if enc.image_size is None:  # images are encoded at the size the student trains at
+            self.encoders = enc.model_copy(update={"image_size": self.image_size})
+        if enc.aspect_buckets and bucket_multiple(self.image_size) % (self.vae_scale * self.patch_size):
+            raise ValueError(f"aspect buckets at {self.image_size} px are multiples of "
+                             f"{bucket_multiple(self.image_size)} px, which do not divide by vae_scale x "
+                             f"patch_size = {self.vae_scale * self.patch_size}")
         return self
 
     @property
@@ -498,6 +535,15 @@ class RunConfig(_Strict):
             raise ValueError(f"teacher names must be unique, got {names}")
         if not names:
             raise ValueError("at least one teacher is needed")
+        return self
+
+    @model_validator(mode="after")
+    def _buckets_stream(self) -> "RunConfig":
+        # A worker's in-memory shard is one array per column: one latent shape.
+        enc = self.student.encoders
+        if enc is not None and enc.aspect_buckets and self.train.features_in_memory:
+            raise ValueError("student.encoders.aspect_buckets makes latents of several shapes; they train "
+                             "from streamed features: set train.features_in_memory: false")
         return self
 
     # -- files ---------------------------------------------------------------

@@ -284,3 +284,88 @@ def test_streamed_batches_equal_batches_held_in_memory(tmp_path, encoders):
     feeder.null = null
     with pytest.raises(ValueError, match="FeatureStore root"):
         feeder.use(streamed)
+
+
+def test_aspect_buckets_are_pixart_alphas():
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pp
+
+    from evolve.student.encoders import aspect_buckets, target_size
+
+    for size, bins in ((1024, pp.ASPECT_RATIO_1024_BIN), (512, pp.ASPECT_RATIO_512_BIN),
+                       (256, pp.ASPECT_RATIO_256_BIN)):
+        assert set(aspect_buckets(size)) == {(int(h), int(w)) for h, w in bins.values()}
+    bucketed = EncoderConfig(image_size=1024, aspect_buckets=True)
+    assert target_size(1024, 1792, bucketed) == (768, 1344)  # DALL-E 3's landscape: PixArt's 0.57 bucket
+    assert target_size(1792, 1024, bucketed) == (1344, 768)
+    assert target_size(1024, 1024, bucketed) == (1024, 1024)
+    assert target_size(1024, 1792, EncoderConfig(image_size=512)) == (512, 512)
+    assert target_size(40, 24, EncoderConfig()) == (40, 24)  # no image_size: as it comes
+
+
+def test_fit_image_covers_then_crops_the_centre():
+    from evolve.student.encoders import fit_image
+
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, :20] = (255, 0, 0)  # outer quarters red: cropped away
+    img[:, 60:] = (255, 0, 0)
+    img[:, 20:60] = (0, 0, 255)  # the centre half blue
+    out = fit_image(img, 32, 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert (out[:, 2:-2, 2] > 200).all() and (out[:, 2:-2, 0] < 50).all()
+    assert fit_image(img, 40, 80) is img
+
+
+def test_bucketed_images_encode_at_their_bucket(tmp_path):
+    """aspect_buckets: a landscape and a square teacher image are encoded at
+    their buckets' shapes, and the rows say which bucket each latent is in."""
+    from evolve.shapes.render import to_png
+    from evolve.student.encoders import encode_missing
+
+    enc = FrozenEncoders.load(EncoderConfig(batch_size=2, image_size=32, aspect_buckets=True))
+    images = ImageStore(tmp_path / "images")
+    wide, square = np.full((48, 96, 3), 90, np.uint8), np.full((64, 64, 3), 200, np.uint8)
+    refs = [images.put(to_png(wide)), images.put(to_png(square))]
+    store = FeatureStore(tmp_path / "features")
+    out = encode_missing({"prompt": ["a wide one", "a square"], "image_ref": refs}, store, images, enc)
+    # 2:1 is nearest the 32x48 bucket of the seven at 32 px (16x64 ... 64x16).
+    assert store.get_latent(refs[0]).shape == (4, 4, 6) and store.get_latent(refs[1]).shape == (4, 4, 4)
+    assert out["bucket"].tolist() == ["4x6", "4x4"]
+    # Already there: the bucket is read from the stored latent's header.
+    again = encode_missing({"prompt": ["a wide one"], "image_ref": refs[:1]}, store, images, enc)
+    assert again["bucket"].tolist() == ["4x6"] and not again["encoded"].any()
+
+    # The trainer's batches (streamed features) hold one latent shape each.
+    import random
+
+    import torch
+
+    from evolve.config import StudentConfig
+    from evolve.student.model import build_student
+    from evolve.student.train import Batches
+
+    refs += [images.put(to_png(wide[:, ::-1].copy() + 1)), images.put(to_png(square + 1))]
+    prompts = ["a wide one", "a square", "another wide one", "another square"]
+    out = encode_missing({"prompt": prompts, "image_ref": refs}, store, images, enc)
+    cfg = StudentConfig(arch="pixart", image_size=32, latent_channels=4, vae_scale=8, caption_channels=32,
+                        max_tokens=120, hidden_size=32, num_layers=1, num_heads=2, patch_size=2, encoders=enc.cfg)
+    feeder = Batches(build_student(cfg), cfg, 0.0, 2, torch.device("cpu"), torch.Generator().manual_seed(0),
+                     random.Random(0), features=str(tmp_path / "features"))
+    emb, mask = enc.encode_prompts([""])
+    feeder.null = torch.from_numpy(emb[0]).float(), torch.from_numpy(mask[0])
+    feeder.use({"n": 4, "prompts": prompts, "image_refs": refs, "buckets": out["bucket"].tolist()})
+    shapes = [tuple(feeder.next()[0].shape) for _ in range(8)]
+    assert set(shapes) == {(2, 4, 4, 6), (2, 4, 4, 4)}
+
+
+def test_bucketed_batches_hold_one_shape_each():
+    import torch
+
+    from evolve.student.train import bucketed_batches
+
+    buckets = ["4x4"] * 7 + ["2x8"] * 5 + ["8x2"] * 2
+    order = bucketed_batches(buckets, 3, torch.Generator().manual_seed(0))
+    drawn = [next(order) for _ in range(40)]  # 120 rows: over eight epochs of 14
+    for b in drawn:
+        assert len(b) == 3 and len({buckets[i] for i in b}) == 1
+    counts = np.bincount(torch.cat(drawn).numpy(), minlength=len(buckets))
+    assert counts.min() >= 6 and counts.max() <= 9  # every row, about as often as the others

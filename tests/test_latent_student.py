@@ -136,6 +136,23 @@ def test_shipped_latent_configs():
     assert real.init_checkpoint is not None and real.train.use_gpu
     tiny = RunConfig.load(root / "latent-tiny.yaml")
     assert tiny.student.is_latent and tiny.from_scratch
+    # real-1024.yaml: real.yaml (extended) with PixArt-alpha XL/2 1024 on aspect buckets.
+    big = RunConfig.load(root / "real-1024.yaml")
+    xl = StudentConfig.pixart_alpha_xl2(1024)
+    assert big.student.model_copy(update={"encoders": xl.encoders}) == xl and big.student.micro_conditions
+    assert big.student.encoders.aspect_buckets and big.student.encoders.image_size == 1024
+    assert big.train.gradient_checkpointing and not big.train.features_in_memory
+    assert big.teachers == real.teachers and big.judge == real.judge and big.train.lr == real.train.lr
+
+
+def test_config_files_extend_others(tmp_path):
+    (tmp_path / "base.yaml").write_text("rounds: 5\nseed: 3\ntrain: {lr: 0.001, batch_size: 16}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nseed: 4\ntrain: {batch_size: 8}\n")
+    cfg = RunConfig.load(tmp_path / "child.yaml")
+    assert (cfg.rounds, cfg.seed, cfg.train.lr, cfg.train.batch_size) == (5, 4, 0.001, 8)
+    (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
+    with pytest.raises(ValueError, match="in a circle"):
+        RunConfig.load(tmp_path / "child.yaml")
 
 
 def test_latent_batches_drop_captions_to_the_null_caption():
@@ -180,3 +197,37 @@ def test_latent_fit_with_features_held_in_memory(ray_local, tmp_path):
     assert isinstance(load_pretrained(out), LatentStudent)
     assert json.loads((Path(out) / "state.json").read_text())["step"] == 4
     assert all(FeatureStore(tmp_path / "features").has_latent(r["image_ref"]) for r in rows)
+
+
+def test_aspect_bucket_configs():
+    """Images are encoded at the student's size (filled in when not given);
+    buckets must tile into patches and train from streamed features."""
+    assert CFG.encoders.image_size == 32
+    with pytest.raises(ValidationError, match="image_size"):
+        StudentConfig.model_validate({**CFG.model_dump(), "encoders": {**ENC.model_dump(), "image_size": 64}})
+    # 64 px buckets are multiples of 16 px; a /8 VAE with patch 4 needs 32.
+    with pytest.raises(ValidationError, match="do not divide by vae_scale x patch_size"):
+        StudentConfig(arch="pixart", image_size=64, latent_channels=4, vae_scale=8, caption_channels=32,
+                      max_tokens=12, hidden_size=32, num_layers=1, num_heads=2, patch_size=4,
+                      encoders=EncoderConfig(max_tokens=12, aspect_buckets=True))
+    bucketed = StudentConfig(**{**CFG.model_dump(), "encoders": {**ENC.model_dump(), "aspect_buckets": True}})
+    with pytest.raises(ValidationError, match="features_in_memory: false"):
+        RunConfig(student=bucketed)
+    assert RunConfig(student=bucketed, train=TrainConfig(features_in_memory=False)).student.encoders.aspect_buckets
+
+
+def test_micro_conditions_follow_the_image_shape():
+    """At 1024 px PixArt is conditioned on resolution and aspect ratio: a
+    landscape bucket's latents are conditioned on their own, not a square's."""
+    cfg = StudentConfig(arch="pixart", image_size=1024, latent_channels=4, vae_scale=8, caption_channels=32,
+                        max_tokens=12, hidden_size=24, num_layers=1, num_heads=2, patch_size=8,
+                        encoders=EncoderConfig(max_tokens=12, aspect_buckets=True))
+    assert cfg.micro_conditions
+    den = build_student(cfg).denoiser
+    seen = []
+    den.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]), with_kwargs=True)
+    x = torch.randn(2, 4, 96, 168)  # the 768 x 1344 bucket
+    out = denoise(den, cfg, x, torch.tensor([5, 500]), torch.randn(2, 12, 32), torch.ones(2, 12, dtype=torch.bool))
+    assert out.shape == x.shape
+    assert seen[0]["resolution"].tolist() == [[768.0, 1344.0]] * 2
+    torch.testing.assert_close(seen[0]["aspect_ratio"], torch.full((2, 1), 768 / 1344))

@@ -306,6 +306,46 @@ class FeatureStore:
         write_atomic(meta, lambda f: f.write(json.dumps(ident, indent=2, sort_keys=True).encode()))
 
 
+# -- image sizes -------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def aspect_buckets(image_size: int) -> tuple[tuple[int, int], ...]:
+    """PixArt-alpha's aspect-ratio buckets for image_size: (height, width)
+    pairs of about image_size**2 pixels, heights / widths from 1/4 to 4.
+    diffusers' 1024-px bin scaled to image_size, sides rounded to
+    bucket_multiple (this gives diffusers' own 512 and 256 bins exactly)."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
+
+    from evolve.config import bucket_multiple
+
+    m = bucket_multiple(image_size)
+    scaled = {(max(m, round(h * image_size / 1024 / m) * m), max(m, round(w * image_size / 1024 / m) * m))
+              for h, w in ASPECT_RATIO_1024_BIN.values()}
+    return tuple(sorted(scaled, key=lambda hw: hw[0] / hw[1]))
+
+
+def target_size(height: int, width: int, cfg: EncoderConfig) -> tuple[int, int]:
+    """(height, width) an image of this size is encoded at: unchanged without
+    cfg.image_size, else a square of it, or with aspect buckets the bucket
+    whose aspect ratio is nearest (in log ratio, so 2:1 and 1:2 are as far from 1:1)."""
+    if cfg.image_size is None:
+        return height, width
+    if not cfg.aspect_buckets:
+        return cfg.image_size, cfg.image_size
+    ratio = math.log(height / width)
+    return min(aspect_buckets(cfg.image_size), key=lambda hw: abs(math.log(hw[0] / hw[1]) - ratio))
+
+
+def fit_image(image_u8: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (bicubic) to cover height x width, then crop the centre: the
+    picture keeps its proportions; what overhangs is cut, as PixArt does."""
+    if image_u8.shape[:2] == (height, width):
+        return image_u8
+    from PIL import Image, ImageOps
+
+    img = ImageOps.fit(Image.fromarray(image_u8), (width, height), method=Image.Resampling.BICUBIC)
+    return np.asarray(img.convert("RGB"))
+
+
 # -- precompute ----------------------------------------------------------------------------
 
 def put_null_caption(store: FeatureStore, encoders: FrozenEncoders) -> None:
@@ -319,8 +359,9 @@ def put_null_caption(store: FeatureStore, encoders: FrozenEncoders) -> None:
 def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: ImageStore,
                    encoders: FrozenEncoders) -> dict[str, np.ndarray]:
     """One batch of {"prompt", "image_ref"} columns -> the same rows with
-    "latent_path", "text_path" and "encoded" (False: both files were already
-    there). Encodes each missing image and prompt once, however often it repeats."""
+    "latent_path", "text_path", "bucket" (the latent's "HxW") and "encoded"
+    (False: both files were already there). Encodes each missing image (at
+    target_size) and prompt once, however often it repeats."""
     from evolve.shapes.render import from_png
 
     prompts = [str(p) for p in batch["prompt"]]
@@ -332,6 +373,7 @@ def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: Im
     by_shape: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
     for ref in new_refs:
         img = from_png(images.get(ref))
+        img = fit_image(img, *target_size(img.shape[0], img.shape[1], encoders.cfg))
         by_shape.setdefault(img.shape, []).append((ref, img))
     for group in by_shape.values():
         latents = encoders.encode_images(np.stack([img for _, img in group]))
@@ -344,11 +386,14 @@ def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: Im
             store.put_text(p, e, m)
 
     new_r, new_p = set(new_refs), set(new_prompts)
+    # The latent's shape without reading it: .npy headers say (mmap reads nothing else).
+    shapes = {r: np.load(store.latent_path(r), mmap_mode="r", allow_pickle=False).shape[-2:] for r in set(refs)}
     return {
         "prompt": np.array(prompts, dtype=object),
         "image_ref": np.array(refs, dtype=object),
         "latent_path": np.array([str(store.latent_path(r)) for r in refs], dtype=object),
         "text_path": np.array([str(store.text_path(p)) for p in prompts], dtype=object),
+        "bucket": np.array([f"{shapes[r][0]}x{shapes[r][1]}" for r in refs], dtype=object),
         "encoded": np.array([r in new_r or p in new_p for r, p in zip(refs, prompts)], dtype=bool),
     }
 
@@ -432,8 +477,8 @@ def latent_dataset(rows: list[dict], store_root: str, images_root: str, cfg: Enc
     """Rows {"prompt", "image_ref"} -> a Ray Dataset of what a LatentStudent
     trains on: {"prompt", "latent", "caption", "caption_mask"}; missing
     features are encoded first (precompute_features), the rest read from the
-    store. With `in_memory` off, the rows stay {"prompt", "image_ref"} (their
-    features encoded, not read): the trainer reads each batch's from the
+    store. With `in_memory` off, the rows stay {"prompt", "image_ref",
+    "bucket"} (their features encoded, not read): the trainer reads each batch's from the
     store, and neither the object store nor a worker holds them all. Blocks
     of about cfg.batch_size rows (one encoder batch each), at least
     `min_blocks` of them (one per training worker: `split` deals out whole
@@ -444,6 +489,6 @@ def latent_dataset(rows: list[dict], store_root: str, images_root: str, cfg: Enc
     ds = ray.data.from_items(rows, override_num_blocks=min(blocks, max(len(rows), 1)))
     ds = precompute_features(ds, store_root, images_root, cfg, num_cpus=num_cpus, whole_blocks=True)
     if not in_memory:
-        return ds.select_columns(["prompt", "image_ref"], num_cpus=num_cpus)
+        return ds.select_columns(["prompt", "image_ref", "bucket"], num_cpus=num_cpus)
     return ds.map_batches(load_features, fn_kwargs={"store_root": str(store_root)}, batch_format="numpy",
                           batch_size=None, num_cpus=num_cpus)

@@ -132,9 +132,12 @@ def denoise(denoiser: nn.Module, cfg: StudentConfig, x: torch.Tensor, t: torch.T
         return F.pixel_shuffle(out, p) if p > 1 else out
     cond = {"resolution": None, "aspect_ratio": None}
     if cfg.micro_conditions:
-        b = x.shape[0]
-        cond = {"resolution": torch.tensor([[cfg.image_size, cfg.image_size]], device=x.device).repeat(b, 1).to(x.dtype),
-                "aspect_ratio": torch.ones(b, 1, device=x.device, dtype=x.dtype)}
+        # The image's own size (aspect buckets: not always a square), as the
+        # diffusers PixArt pipeline passes it: (height, width) and height / width.
+        b, f = x.shape[0], cfg.vae_scale if cfg.latent_channels else 1
+        h, w = x.shape[-2] * f, x.shape[-1] * f
+        cond = {"resolution": torch.tensor([[h, w]], device=x.device, dtype=x.dtype).repeat(b, 1),
+                "aspect_ratio": torch.full((b, 1), h / w, device=x.device, dtype=x.dtype)}
     out = denoiser(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=text_mask,
                    added_cond_kwargs=cond).sample
     return out[:, :cfg.in_channels] if cfg.learn_sigma else out

@@ -88,14 +88,17 @@ def load_shard(shard, scfg: StudentConfig) -> dict:
     a LatentStudent's are precomputed features -> {"latent" (N, C, h, w),
     "caption" (N, L, D), "caption_mask" (N, L)}, or, when its features stay
     on disk (TrainConfig.features_in_memory off), only what names them:
-    {"prompts", "image_refs"}. All also get "n"."""
+    {"prompts", "image_refs", "buckets" (each latent's "HxW")}. All also get "n"."""
     parts = list(shard.iter_batches(batch_size=256, batch_format="numpy"))
     n = sum(len(b["prompt"]) for b in parts)
     if not n:
         raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
     if scfg.is_latent and "latent" not in parts[0]:
-        return {"n": n, "prompts": [str(p) for b in parts for p in b["prompt"]],
+        refs = {"n": n, "prompts": [str(p) for b in parts for p in b["prompt"]],
                 "image_refs": [str(r) for b in parts for r in b["image_ref"]]}
+        if "bucket" in parts[0]:  # latents of several shapes (aspect buckets): batched by shape
+            refs["buckets"] = [str(k) for b in parts for k in b["bucket"]]
+        return refs
     if scfg.is_latent:
         return {"n": n, **{k: torch.from_numpy(np.concatenate([b[k] for b in parts])) for k in LATENT_COLUMNS}}
     prompts, images = rows_to_tensors([{"prompt": p, "image": b} for part in parts
@@ -119,6 +122,23 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
             buf = torch.cat([buf, torch.randperm(n, generator=generator)])
         yield buf[:batch_size]
         buf = buf[batch_size:]
+
+
+def bucketed_batches(buckets: list[str], batch_size: int, generator: torch.Generator):
+    """Endless index batches whose rows share a bucket (one latent shape, an
+    aspect ratio): rows are dealt in shuffled order, epoch after epoch, into
+    their bucket's buffer, and a full buffer is a batch (PixArt-alpha's
+    AspectRatioBatchSampler). A bucket smaller than a batch fills over epochs."""
+    if not buckets:
+        raise ValueError("no rows to batch")
+    pending: dict[str, list[int]] = {}
+    while True:
+        for i in torch.randperm(len(buckets), generator=generator).tolist():
+            buf = pending.setdefault(buckets[i], [])
+            buf.append(i)
+            if len(buf) == batch_size:
+                yield torch.tensor(buf)
+                pending[buckets[i]] = []
 
 
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
@@ -177,7 +197,10 @@ class Batches:
         if self.scfg.is_latent and "image_refs" in shard and self.features is None:
             raise ValueError("a shard of feature references needs the FeatureStore root (features=)")
         self.shard = shard
-        self.order = batches(shard["n"], self.batch_size, self.gen)
+        if len(set(shard.get("buckets", ()))) > 1:
+            self.order = bucketed_batches(shard["buckets"], self.batch_size, self.gen)
+        else:
+            self.order = batches(shard["n"], self.batch_size, self.gen)
         self.pending = None  # a batch of the old shard, loading: dropped
 
     def _read_features(self, shard: dict, idx: torch.Tensor) -> dict[str, torch.Tensor]:
