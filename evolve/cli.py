@@ -124,7 +124,8 @@ def eval_(
         out.write_text(json.dumps(d, indent=2))
 
 
-def _generate(checkpoint: Path, prompts: Path, out: Path, guidance, steps) -> int:
+def _generate(checkpoint: Path, prompts: Path, out: Path, guidance, steps,
+              size: tuple[int, int] | None = None) -> int:
     import torch
 
     from evolve.config import SampleConfig
@@ -144,7 +145,10 @@ def _generate(checkpoint: Path, prompts: Path, out: Path, guidance, steps) -> in
     texts = [r[1].text for r in rows]
     from evolve.driver import stable_seed
 
-    imgs = generate_images(str(checkpoint), texts, [stable_seed("generate", i) for i in ids], sc)
+    try:
+        imgs = generate_images(str(checkpoint), texts, [stable_seed("generate", i) for i in ids], sc, size=size)
+    except ValueError as e:  # a size the student cannot draw
+        _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
     for i, img in zip(ids, imgs):
         (out / f"{i}.png").write_bytes(to_png(img))
@@ -158,9 +162,14 @@ def generate(
     out: Path = typer.Option(..., help="writes OUT/<id>.png"),
     guidance: Optional[float] = typer.Option(None),
     steps: Optional[int] = typer.Option(None),
+    height: Optional[int] = typer.Option(None, min=1, help="with --width: another shape than the student's "
+                                         "square (PixArt students; e.g. an aspect bucket, 768 x 1344)"),
+    width: Optional[int] = typer.Option(None, min=1),
 ):
     """Draw the student's images for a prompt file."""
-    n = _generate(checkpoint, prompts, out, guidance, steps)
+    if (height is None) != (width is None):
+        _fail("--height and --width go together")
+    n = _generate(checkpoint, prompts, out, guidance, steps, None if height is None else (height, width))
     typer.echo(f"wrote {n} images to {out}")
 
 

@@ -50,6 +50,13 @@ def test_generate_rejects_bad_prompt_and_bad_checkpoint(tiny_checkpoint, tmp_pat
     res = runner.invoke(app, ["generate", "--checkpoint", str(tmp_path), "--prompts", str(prompts),
                               "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "not a student checkpoint" in res.output
+    prompts.write_text('{"id": "a1", "prompt": "a red circle"}\n')
+    res = runner.invoke(app, ["generate", "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts),
+                              "--out", str(tmp_path / "out"), "--height", "32"])
+    assert res.exit_code == 2 and "--height and --width go together" in res.output
+    res = runner.invoke(app, ["generate", "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts),
+                              "--out", str(tmp_path / "out"), "--height", "32", "--width", "64"])
+    assert res.exit_code == 2 and "unet student draws 32x32 images only" in res.output
 
 
 def test_eval_scores_a_folder(tmp_path):

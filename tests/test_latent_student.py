@@ -73,6 +73,11 @@ def test_sampling_decodes_through_the_vae():
     np.testing.assert_array_equal(a[0], a[2])  # an image depends on its prompt and seed only
     b = sample(student, ["a red circle"], [1], cfg)
     np.testing.assert_array_equal(a[0], b[0])
+    # Another shape than the square (an aspect bucket): any grid of patches.
+    wide = sample(student, ["a red circle"], [1], cfg, size=(16, 48))
+    assert wide.shape == (1, 16, 48, 3)
+    with pytest.raises(ValueError, match="multiples of 4 px"):
+        sample(student, ["a red circle"], [1], cfg, size=(16, 30))
 
 
 def test_fit_needs_the_feature_store():

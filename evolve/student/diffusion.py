@@ -96,35 +96,55 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def sample_shape(scfg, size: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """The denoiser's input (C, h, w) for an image of size (height, width)
+    pixels (None: the student's square). Other shapes than the square need a
+    PixArt student (its patch embedding takes any grid of patches), and sides
+    that tile into patches."""
+    S = scfg.image_size
+    height, width = size or (S, S)
+    if (height, width) == (S, S):
+        return scfg.in_channels, scfg.sample_size, scfg.sample_size
+    if scfg.arch != "pixart":
+        raise ValueError(f"a {scfg.arch} student draws {S}x{S} images only, not {height}x{width}")
+    f = scfg.vae_scale if scfg.latent_channels else 1
+    unit = f * scfg.patch_size
+    if height <= 0 or width <= 0 or height % unit or width % unit:
+        raise ValueError(f"image size {height}x{width} must be positive multiples of {unit} px "
+                         f"(vae_scale x patch_size)")
+    return scfg.in_channels, height // f, width // f
+
+
 @torch.no_grad()
-def sample(student, prompts: list[str], seeds: list[int], cfg: SampleConfig | None = None) -> np.ndarray:
-    """Draw one image per (prompt, seed): uint8 (N, S, S, 3). Works for both
-    students: noise shaped like the denoiser's input, decoded by the student."""
+def sample(student, prompts: list[str], seeds: list[int], cfg: SampleConfig | None = None,
+           size: tuple[int, int] | None = None) -> np.ndarray:
+    """Draw one image per (prompt, seed): uint8 (N, H, W, 3), (H, W) = size,
+    by default the student's square. Works for both students: noise shaped
+    like the denoiser's input, decoded by the student."""
     cfg = cfg or SampleConfig()
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    scfg = student.config
-    S = scfg.image_size
+    shape = sample_shape(student.config, size)
     out = []
     was_training = student.training
     student.eval()
     try:
         for i in range(0, len(prompts), cfg.batch_size):
             ps, ss = list(prompts[i:i + cfg.batch_size]), list(seeds[i:i + cfg.batch_size])
-            out.append(_sample_batch(student, ps, ss, cfg))
+            out.append(_sample_batch(student, ps, ss, cfg, shape))
     finally:
         student.train(was_training)
     if not out:
-        return np.zeros((0, S, S, 3), np.uint8)
+        H, W = size or (student.config.image_size, student.config.image_size)
+        return np.zeros((0, H, W, 3), np.uint8)
     return np.concatenate(out)
 
 
-def _sample_batch(student, prompts, seeds, cfg: SampleConfig) -> np.ndarray:
+def _sample_batch(student, prompts, seeds, cfg: SampleConfig, shape: tuple[int, int, int]) -> np.ndarray:
     n, scfg = len(prompts), student.config
     dev = next(student.parameters()).device  # noise is drawn on the CPU (the same on any device), then moved
     sched = make_sample_scheduler(scfg, cfg.steps)
-    x = (initial_noise(seeds, (scfg.in_channels, scfg.sample_size, scfg.sample_size))
-         * sched.init_noise_sigma).to(dev)
+    x = (initial_noise(seeds, shape) * sched.init_noise_sigma).to(dev)
     ids, mask = student.encode_prompts(prompts)
     guided = cfg.guidance != 1.0
     if guided:

@@ -30,12 +30,14 @@ def load_student(checkpoint_dir: str | Path, ema: bool = True):
 
 
 def generate_images(checkpoint_dir: str | Path, prompts: list[str], seeds: list[int] | None = None,
-                    sample_cfg: SampleConfig | None = None, threads: int | None = None) -> np.ndarray:
-    """uint8 (N, S, S, 3), one image per (prompt, seed); seeds default to 0..N-1.
+                    sample_cfg: SampleConfig | None = None, threads: int | None = None,
+                    size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3), one image per (prompt, seed); seeds default to 0..N-1;
+    (H, W) = size, by default the student's square (others: PixArt students).
     Batched by sample_cfg.batch_size; deterministic per (prompt, seed)."""
     prompts = [str(p) for p in prompts]
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     if threads:
         torch.set_num_threads(threads)
     student = load_student(checkpoint_dir)
-    return sample(student, prompts, seeds, sample_cfg or SampleConfig())
+    return sample(student, prompts, seeds, sample_cfg or SampleConfig(), size)
