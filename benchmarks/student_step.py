@@ -50,12 +50,14 @@ def bench(cfg: StudentConfig, batch: int, steps: int) -> dict:
 
 
 def plain_worker(rank: int, world: int, port: int, rows: list[dict], steps: int, batch: int, threads: int,
-                 result: str) -> None:
+                 result: str, niceness: int = 0) -> None:
     """The training loop without Ray: the same Batches and TrainStep as the Ray
     Train worker, on rows[rank::world] (what Ray Data's split gives each
     worker), DDP over gloo when world > 1, the loss read every report_every
-    steps as the Ray loop reports it. Rank 0 writes {"train_s", "batch_s"}."""
+    steps as the Ray loop reports it, at the CPU priority of Ray's workers
+    (`niceness`). Rank 0 writes {"train_s", "batch_s"}."""
     import json
+    import os
     import random
 
     import torch.distributed as dist
@@ -63,6 +65,7 @@ def plain_worker(rank: int, world: int, port: int, rows: list[dict], steps: int,
     from evolve.config import TrainConfig
     from evolve.student.train import Batches, TrainStep, lr_schedule, rows_to_tensors
 
+    os.nice(niceness - os.nice(0))
     torch.set_num_threads(threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -100,7 +103,10 @@ def bench_ray(steps: int, batch: int, repeats: int) -> None:
     processes, DDP over gloo) and fit_student (Ray Train workers, the same
     Batches and TrainStep) on the same 256 reference renders, same batch,
     same steps, in two layouts of this machine's 2 cores, alternated
-    `repeats` times. Replay is off; `data stall` = waiting on the feed plus
+    `repeats` times. Ray starts its workers at niceness 15 (its
+    `worker_niceness`), so the plain processes run at Ray's workers' niceness
+    too: on a shared machine priority, not Ray, would make the difference.
+    Replay is off; `data stall` = waiting on the feed plus
     assembling batches, as a share of the Ray loop. Start-up (fit() wall minus
     the loop) is shown apart: it is paid once per fit, not per step."""
     import json
@@ -125,9 +131,11 @@ def bench_ray(steps: int, batch: int, repeats: int) -> None:
     rows = [{"prompt": p, "image": to_png(render(p, i, 32))} for i, p in enumerate(prompts)]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ds = ray.data.from_items(rows)
+    niceness = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
     layouts = [dict(num_workers=1, cpus_per_worker=1.0, torch_threads=2),
                dict(num_workers=2, cpus_per_worker=0.5, torch_threads=1)]
-    print(f"batch {batch}, {steps} steps, {repeats} alternations; s/step = the loop's own time / steps")
+    print(f"batch {batch}, {steps} steps, {repeats} alternations, every loop at niceness {niceness}; "
+          f"s/step = the loop's own time / steps")
     print(f"{'layout':24s} {'plain s/step':>12s} {'ray s/step':>11s} {'ray cost':>9s} {'data stall':>11s} "
           f"{'ray start-up':>13s}")
     for layout in layouts:
@@ -139,7 +147,7 @@ def bench_ray(steps: int, batch: int, repeats: int) -> None:
                 with socket.socket() as sock:  # a free port for the gloo rendezvous
                     sock.bind(("127.0.0.1", 0))
                     port = sock.getsockname()[1]
-                mp.spawn(plain_worker, args=(world, port, rows, steps, batch, threads, f"{tmp}/plain.json"),
+                mp.spawn(plain_worker, args=(world, port, rows, steps, batch, threads, f"{tmp}/plain.json", niceness),
                          nprocs=world, join=True)
                 plain.append(json.loads(open(f"{tmp}/plain.json").read())["train_s"] / steps)
                 t0 = time.perf_counter()

@@ -327,8 +327,9 @@ class TrainConfig(_Strict):
                            "(controlled experiments; the trainer then waits on the loop)")
     keep_snapshots: int = Field(3, ge=1, description="continuous: EMA snapshots kept on disk")
     max_failures: int = Field(2, ge=0, description="dead workers replaced before the training run fails")
-    worker_nice: int = Field(10, ge=0, le=19, description="CPU niceness of training workers: on shared CPUs "
-                             "the loop's sampling and judging go first, training uses what is left")
+    worker_nice: int = Field(10, ge=0, le=19, description="niceness training workers add to the 15 Ray starts "
+                             "every worker at (19 at most): on shared CPUs the loop's sampling and judging "
+                             "go first, training uses what is left")
     seed: int = 0
 
     @model_validator(mode="after")
