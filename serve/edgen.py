@@ -18,7 +18,7 @@ in a folder (e.g. a running job's `checkpoints/`) and switch when a newer one
 appears, without dropping a request.
 
 Images of concurrent requests are sampled together (`@serve.batch`), grouped by
-(steps, guidance) inside a batch; an image depends only on its prompt and seed,
+(steps, guidance, size) inside a batch; an image depends only on its prompt and seed,
 never on the batch it was drawn in. Errors are OpenAI-shaped JSON
 (`{"error": {"message", "type", "param", "code"}}`) with 4xx codes that name the
 problem; nothing internal (no stack trace) reaches a client.
@@ -120,6 +120,19 @@ def parse_images_request(body: bytes, model_name: str, max_n: int, max_prompt_ch
     return req.model_copy(update={"prompt": prompt})
 
 
+def served_sizes(student_config) -> dict[str, tuple[int, int]]:
+    """OpenAI sizes ("WIDTHxHEIGHT") a student draws -> (height, width): its
+    square, and a student trained on aspect buckets also each bucket."""
+    S = student_config.image_size
+    sizes = {f"{S}x{S}": (S, S)}
+    enc = getattr(student_config, "encoders", None)
+    if enc is not None and enc.aspect_buckets:
+        from evolve.student.encoders import aspect_buckets
+
+        sizes |= {f"{w}x{h}": (h, w) for h, w in aspect_buckets(S)}
+    return sizes
+
+
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
     from evolve.driver import BASE_CHECKPOINT
 
@@ -187,7 +200,9 @@ class Edgen:
             req = self._parse(await self._body(request))
             seeds = self._seeds(req)
             steps, guidance = self._sampling(req)
-            pngs = await asyncio.gather(*[self._sample_batch((req.prompt, s, steps, guidance)) for s in seeds])
+            size = self._size(req)
+            pngs = await asyncio.gather(*[self._sample_batch((req.prompt, s, steps, guidance, size))
+                                          for s in seeds])
         except ApiError as e:
             return e.response()
         self.stats["requests"] += 1
@@ -209,7 +224,7 @@ class Edgen:
             self._authorize(request)
             req = self._parse(json.dumps({"prompt": prompt, "seed": seed}).encode())
             steps, guidance = self._sampling(req)
-            png = await self._sample_batch((req.prompt, req.seed, steps, guidance))
+            png = await self._sample_batch((req.prompt, req.seed, steps, guidance, self._size(req)))
         except ApiError as e:
             return e.response()
         return Response(content=png, media_type="image/png")
@@ -243,9 +258,9 @@ class Edgen:
         cfg = self.cfg
         req = parse_images_request(body, cfg.model_name, cfg.max_n, cfg.max_prompt_chars)
         prompt = req.prompt
-        sizes = [f"{self.size}x{self.size}"]
+        sizes = served_sizes(self.student.config)
         if req.size not in (None, *sizes):
-            raise ApiError(400, f"size {req.size!r} is not served; sizes: {sizes}", "size")
+            raise ApiError(400, f"size {req.size!r} is not served; sizes: {list(sizes)}", "size")
         if cfg.grammar_check:
             from evolve.shapes.grammar import PromptError, parse
 
@@ -267,6 +282,10 @@ class Edgen:
                            "guidance_scale")
         return steps, float(guidance)
 
+    def _size(self, req: ImagesRequest) -> tuple[int, int]:
+        """(height, width) of the request's images (checked by _parse)."""
+        return served_sizes(self.student.config)[req.size] if req.size else (self.size, self.size)
+
     @staticmethod
     def _seeds(req: ImagesRequest) -> list[int]:
         base = req.seed if req.seed is not None else random.randrange(2**31 - req.n)
@@ -274,26 +293,26 @@ class Edgen:
 
     # -- sampling ------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _sample_batch(self, items: list[tuple[str, int, int, float]]) -> list[bytes]:
+    async def _sample_batch(self, items: list[tuple[str, int, int, float, tuple[int, int]]]) -> list[bytes]:
         self.stats["batches"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(items))
         # The sampler is CPU/GPU bound: run it off the event loop, so that
         # requests keep arriving (and joining the next batch) meanwhile.
         return await asyncio.to_thread(self._sample_groups, items)
 
-    def _sample_groups(self, items: list[tuple[str, int, int, float]]) -> list[bytes]:
+    def _sample_groups(self, items: list[tuple[str, int, int, float, tuple[int, int]]]) -> list[bytes]:
         from evolve.config import SampleConfig
         from evolve.shapes.render import to_png
         from evolve.student.diffusion import sample
 
         student = self.student  # one model for the whole batch, even across a hot reload
         out: list[bytes | None] = [None] * len(items)
-        groups: dict[tuple[int, float], list[int]] = {}
-        for i, (_, _, steps, guidance) in enumerate(items):
-            groups.setdefault((steps, guidance), []).append(i)
-        for (steps, guidance), idx in groups.items():
+        groups: dict[tuple[int, float, tuple[int, int]], list[int]] = {}
+        for i, (_, _, steps, guidance, size) in enumerate(items):
+            groups.setdefault((steps, guidance, size), []).append(i)
+        for (steps, guidance, size), idx in groups.items():
             imgs = sample(student, [items[i][0] for i in idx], [items[i][1] for i in idx],
-                          SampleConfig(steps=steps, guidance=guidance, batch_size=len(idx)))
+                          SampleConfig(steps=steps, guidance=guidance, batch_size=len(idx)), size)
             for i, img in zip(idx, imgs):
                 out[i] = to_png(img)
         return out

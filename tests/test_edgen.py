@@ -20,8 +20,11 @@ from serve.edgen import ApiError, Edgen
 Impl = Edgen.func_or_class  # the plain class behind the deployment
 
 
-def fake(cfg: EdgenServeConfig | None = None):
-    return SimpleNamespace(cfg=cfg or EdgenServeConfig(), size=32)
+def fake(cfg: EdgenServeConfig | None = None, student=None):
+    from evolve.config import StudentConfig
+
+    student = student or SimpleNamespace(config=StudentConfig())
+    return SimpleNamespace(cfg=cfg or EdgenServeConfig(), size=student.config.image_size, student=student)
 
 
 def parse(body, cfg=None):
@@ -60,6 +63,32 @@ def test_good_request_and_sampling_limits():
         Impl._sampling(fake(), req.model_copy(update={"guidance_scale": 0.5}))
     # Outside the shapes world, any prompt goes through.
     assert parse({"prompt": "a mauve circle"}, EdgenServeConfig(grammar_check=False)).prompt == "a mauve circle"
+
+
+def test_a_student_on_aspect_buckets_serves_each_bucket():
+    """Sizes are OpenAI's WIDTHxHEIGHT; a batch mixing sizes is drawn size by size."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from evolve.config import EncoderConfig, StudentConfig
+    from evolve.shapes.render import from_png
+    from evolve.student.model import build_student
+    from serve.edgen import served_sizes
+
+    enc = EncoderConfig(max_tokens=12, tiny_vae_channels=(8, 16), batch_size=8, aspect_buckets=True)
+    cfg = StudentConfig(arch="pixart", image_size=32, latent_channels=4, vae_scale=2, caption_channels=32,
+                        max_tokens=12, hidden_size=32, num_layers=1, num_heads=2, patch_size=2, encoders=enc)
+    assert served_sizes(StudentConfig()) == {"32x32": (32, 32)}
+    assert served_sizes(cfg)["48x32"] == (32, 48) and len(served_sizes(cfg)) == 7
+    me = fake(EdgenServeConfig(grammar_check=False), build_student(cfg).eval())
+    req = Impl._parse(me, json.dumps({"prompt": "a red circle", "size": "48x32"}).encode())
+    assert Impl._size(me, req) == (32, 48)
+    with pytest.raises(ApiError, match="is not served"):
+        Impl._parse(me, json.dumps({"prompt": "a red circle", "size": "40x32"}).encode())
+    pngs = Impl._sample_groups(me, [("a red circle", 1, 2, 2.0, (32, 48)), ("two squares", 2, 2, 2.0, (32, 32)),
+                                    ("a red circle", 1, 2, 2.0, (32, 48))])
+    shapes = [from_png(p).shape for p in pngs]
+    assert shapes == [(32, 48, 3), (32, 32, 3), (32, 48, 3)] and pngs[0] == pngs[2]
 
 
 def test_bearer_token(monkeypatch):
