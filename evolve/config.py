@@ -307,6 +307,9 @@ class TrainConfig(_Strict):
                                    "curriculum (exact renders, no teacher images): keeps deleted skills")
     replay_per_prompt: int = Field(8, ge=1, description="renders per base-curriculum prompt in the replay pool")
     torch_threads: int = Field(1, ge=1)
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: every worker holds the whole student; "
+                                             "fsdp: each holds a shard of its weights, gradients, optimizer "
+                                             "state and EMA (torch FSDP2; for students too big to replicate)")
     gradient_checkpointing: bool = Field(False, description="recompute each block's activations in the backward "
                                          "pass: less memory (bigger batches, 1024 px), ~30% more compute")
     features_in_memory: bool = Field(True, description="latent students: hold the shard's latents and captions "

@@ -181,27 +181,48 @@ def test_latent_batches_drop_captions_to_the_null_caption():
 
 
 @pytest.mark.integration
-def test_latent_fit_with_features_held_in_memory(ray_local, tmp_path):
-    """fit_student on latent_dataset's arrays (features_in_memory, the
-    default). The streamed path (features read per batch) is what
-    configs/latent-tiny.yaml runs in tests/test_job_submit.py."""
+def test_fsdp_trains_as_ddp_and_resumes(ray_local, tmp_path):
+    """Two workers on latent_dataset's arrays (features held in memory):
+    FSDP (each worker a shard of weights, optimizer state and EMA) gives the
+    weights DDP gives, writes the same plain checkpoint files, and resumes
+    with its optimizer state. (The streamed-features path is what
+    configs/latent-tiny.yaml runs in tests/test_job_submit.py.)"""
     import json
+
+    from safetensors.torch import load_file
 
     from evolve.shapes.render import render, to_png
     from evolve.store import ImageStore
     from evolve.student.encoders import FeatureStore, latent_dataset
     from evolve.student.train import fit_student
 
-    store = ImageStore(tmp_path / "images")
-    prompts = ["a red circle", "two squares", "a blue triangle", "three circles"] * 2
-    rows = [{"prompt": p, "image_ref": store.put(to_png(render(p, seed=i, size=32)))} for i, p in enumerate(prompts)]
+    # Every row the same: Ray Data hands blocks to whichever worker asks first,
+    # so only then do both runs give each rank the same batches.
+    ref = ImageStore(tmp_path / "images").put(to_png(render("two circles", seed=0, size=32)))
+    rows = [{"prompt": "two circles", "image_ref": ref}] * 8
     ds = latent_dataset(rows, str(tmp_path / "features"), str(tmp_path / "images"), ENC, min_blocks=2)
-    tcfg = TrainConfig(batch_size=4, num_workers=2, cond_drop=0.5, worker_nice=0)
-    out = fit_student(ds, student_cfg=CFG, train_cfg=tcfg, steps=4, storage_path=tmp_path / "rt", name="latent",
-                      features=tmp_path / "features")
-    assert isinstance(load_pretrained(out), LatentStudent)
-    assert json.loads((Path(out) / "state.json").read_text())["step"] == 4
-    assert all(FeatureStore(tmp_path / "features").has_latent(r["image_ref"]) for r in rows)
+
+    def fit(parallel: str, steps: int) -> Path:
+        tcfg = TrainConfig(batch_size=4, num_workers=2, cond_drop=0.5, worker_nice=0, warmup_steps=0, lr=1e-3,
+                           parallel=parallel, checkpoint_every=2)
+        return Path(fit_student(ds, student_cfg=CFG, train_cfg=tcfg, steps=steps, storage_path=tmp_path / "rt",
+                                name=parallel, features=tmp_path / "features"))
+
+    fsdp, ddp = fit("fsdp", 4), fit("ddp", 4)
+    assert FeatureStore(tmp_path / "features").has_latent(ref)
+    assert isinstance(load_pretrained(fsdp), LatentStudent)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(str(fsdp / name)), load_file(str(ddp / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+    before = torch.load(fsdp / "optimizer.pt", weights_only=True)
+    assert set(before["state"]) == {n for n, _ in build_student(CFG).named_parameters()}  # keyed by name
+
+    resumed = fit("fsdp", 6)  # the same run name: its step-4 checkpoint, optimizer included
+    assert json.loads((resumed / "state.json").read_text())["step"] == 6
+    after = torch.load(resumed / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in after["state"].values()} == {6}  # 4 loaded + 2, not a fresh AdamW
 
 
 def test_aspect_bucket_configs():

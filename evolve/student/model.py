@@ -156,14 +156,16 @@ class _Pretrained(nn.Module):
     def _from_folder(cls, config: StudentConfig, d: Path) -> "_Pretrained":
         return cls(config)
 
-    def save_pretrained(self, directory: str | Path, ema: "nn.Module | dict | None" = None) -> Path:
-        """Write config.json, model.safetensors and, if `ema` (an EMA object, a
-        module or a state dict) is given, ema.safetensors; plus `_save_extra`."""
+    def save_pretrained(self, directory: str | Path, ema: "nn.Module | dict | None" = None,
+                        weights: dict | None = None) -> Path:
+        """Write config.json, model.safetensors (`weights`, by default this
+        module's) and, if `ema` (an EMA object, a module or a state dict) is
+        given, ema.safetensors; plus `_save_extra`."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CONFIG_NAME).write_text(self.config.model_dump_json(indent=2))
         self._save_extra(d)
-        save_file(_contiguous(self.state_dict()), str(d / WEIGHTS_NAME))
+        save_file(_contiguous(self.state_dict() if weights is None else weights), str(d / WEIGHTS_NAME))
         if ema is not None:
             sd = ema if isinstance(ema, dict) else ema.state_dict()
             save_file(_contiguous(sd), str(d / EMA_NAME))

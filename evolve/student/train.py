@@ -49,7 +49,14 @@ STATE_NAME = "state.json"
 
 # -- checkpoint files ------------------------------------------------------------
 def save_checkpoint(directory: str | Path, student: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer | None,
-                    state: dict) -> Path:
+                    state: dict, full: dict | None = None) -> Path:
+    """`full`: under FSDP, the gathered {"weights", "ema", "optimizer"} to write
+    instead of the (sharded) objects' own."""
+    if full is not None:
+        d = student.save_pretrained(directory, ema=full["ema"], weights=full["weights"])
+        torch.save(full["optimizer"], d / OPTIMIZER_NAME)
+        (d / STATE_NAME).write_text(json.dumps(state, indent=2))
+        return d
     d = student.save_pretrained(directory, ema=ema)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), d / OPTIMIZER_NAME)
@@ -330,24 +337,53 @@ def train_loop_per_worker(config: dict) -> None:
     if tcfg.gradient_checkpointing:
         student.denoiser.enable_gradient_checkpointing()
     ema = EMA(student, tcfg.ema_max_decay)
-    opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    # FSDP: weights and EMA load whole, then are sharded; the optimizer is made
+    # for the shards, and its saved state loaded into them.
+    fsdp = tcfg.parallel == "fsdp" and world > 1
 
+    def new_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+    opt = None if fsdp else new_optimizer()
     state: dict = {}
     step = 0
+    saved_optimizer = None  # FSDP: the optimizer state to load once sharded
+
+    def load(d) -> dict:
+        nonlocal saved_optimizer
+        if fsdp and (Path(d) / OPTIMIZER_NAME).exists():
+            saved_optimizer = torch.load(Path(d) / OPTIMIZER_NAME, weights_only=True)
+        return load_checkpoint(d, student, ema, opt)
+
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
-            state = load_checkpoint(d, student, ema, opt)
+            state = load(d)
         step = int(state.get("step", 0))
     elif config.get("init_checkpoint"):
-        state = load_checkpoint(config["init_checkpoint"], student, ema, opt)
+        state = load(config["init_checkpoint"])
     total = int(state.get("total_steps", 0))
     start_total = total - step
+
+    if fsdp:
+        from evolve.student.fsdp import full_states, load_optimizer, shard_student
+
+        ema = shard_student(student, ema)
+        model, opt = student, new_optimizer()
+        if saved_optimizer is not None and not load_optimizer(student, opt, saved_optimizer):
+            opt = new_optimizer()  # not this run's kind of optimizer file: start it afresh
+        state["optimizer_loaded"] = saved_optimizer is not None and opt.state != {}
+    else:
+        model = ray.train.torch.prepare_model(student)
     # lr warm-up counts the optimizer's own steps: a fresh AdamW (random init, or
     # a checkpoint shipped without optimizer.pt) warms up again, a loaded one not.
     lr_at = lr_schedule(tcfg, 0 if state.get("optimizer_loaded") else total - step)
 
-    model = ray.train.torch.prepare_model(student)
+    def gathered() -> dict | None:
+        """FSDP: full weights, EMA and optimizer state, gathered by every rank
+        (collective) for rank 0 to write. None without FSDP."""
+        return full_states(student, ema, opt) if fsdp else None
+
     local_bs = max(1, tcfg.batch_size // world)
     # Prior preservation: part of every batch replays exact renders of the base
     # curriculum (what the base student was pretrained on; no teacher image),
@@ -393,11 +429,14 @@ def train_loop_per_worker(config: dict) -> None:
         data["wait_s"] += time.perf_counter() - t
         return ans
 
-    def write_snapshot(metrics: dict) -> None:
+    def write_snapshot(metrics: dict, full: dict | None) -> None:
         """EMA weights for the loop to sample: written whole, then renamed."""
         final = snapshot_dir / f"step_{step:07d}"
         with atomic_dir(final) as tmp:
-            student.save_pretrained(tmp, ema=ema)
+            if full is None:
+                student.save_pretrained(tmp, ema=ema)
+            else:
+                student.save_pretrained(tmp, ema=full["ema"], weights=full["weights"])
         for old in sorted(snapshot_dir.glob("step_*"))[:-tcfg.keep_snapshots]:
             shutil.rmtree(old, ignore_errors=True)
         ray.get(feed.snapshot.remote(step, str(final), {**metrics, "version": data["version"]}))
@@ -407,7 +446,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         snapshot_dir.mkdir(parents=True, exist_ok=True)
 
-    def report(metrics: dict, with_checkpoint: bool) -> None:
+    def report(metrics: dict, with_checkpoint: bool, full: dict | None = None) -> None:
         state_now = {"step": step, "total_steps": total, "ema_updates": ema.num_updates,
                      "run_start_total": start_total, "loss": metrics.get("loss"),
                      "images_per_s": metrics.get("images_per_s"), "train_s": time.perf_counter() - t_start,
@@ -415,9 +454,10 @@ def train_loop_per_worker(config: dict) -> None:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        full = full or gathered()  # every rank reports a checkpoint, so every rank gathers
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_checkpoint(tmp, student, ema, opt, state_now)
+                save_checkpoint(tmp, student, ema, opt, state_now, full)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
@@ -431,9 +471,10 @@ def train_loop_per_worker(config: dict) -> None:
             ans = poll_feed()
             if ans["snapshot"] and step > 0:  # the loop waits for weights after this many steps
                 metrics = progress()
+                full = gathered()
                 if rank == 0:
-                    write_snapshot(metrics)
-                report(metrics, True)  # every rank reports; the snapshot is a resume point too
+                    write_snapshot(metrics, full)
+                report(metrics, True, full)  # every rank reports; the snapshot is a resume point too
                 checkpointed = True
             if ans.get("hold") and not ans["stop"]:  # lockstep: this version has had its steps
                 ans = poll_feed(held=True)
