@@ -215,7 +215,10 @@ class Batches:
 
         batch = {"prompt": np.array([shard["prompts"][i] for i in idx], dtype=object),
                  "image_ref": np.array([shard["image_refs"][i] for i in idx], dtype=object)}
-        return {k: torch.from_numpy(v) for k, v in load_features(batch, self.features).items() if k != "prompt"}
+        out = {k: torch.from_numpy(v) for k, v in load_features(batch, self.features).items() if k != "prompt"}
+        # Cast here, in the reader thread: the step's thread then only indexes.
+        out["latent"], out["caption"] = out["latent"].float(), out["caption"].float()
+        return out
 
     def _streamed(self) -> dict[str, torch.Tensor]:
         """The features of the batch loaded ahead, with the next one started."""
