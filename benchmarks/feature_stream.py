@@ -80,7 +80,8 @@ def main() -> None:
         for step_s in args.step_s:
             feeder = Batches(None, scfg, 0.1, args.batch, torch.device("cpu"), torch.Generator().manual_seed(0),
                              random.Random(0), features=str(root))
-            feeder.null = torch.zeros(scfg.max_tokens, scfg.caption_channels), torch.zeros(scfg.max_tokens, dtype=torch.bool)
+            feeder.null = (torch.zeros(scfg.max_tokens, scfg.caption_channels),
+                           torch.zeros(scfg.max_tokens, dtype=torch.bool))
             feeder.use(shard)
             t = time.perf_counter()
             for _ in range(args.batches):

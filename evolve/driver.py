@@ -409,7 +409,8 @@ class EvolveRun:
             old = RunConfig.load(self.folder.config)
             # What does not change the run's results may differ on resume; the
             # folder itself may have moved (nothing inside it stores its path).
-            free = {"run_dir", "rounds", "serve_port", "serve_edgen", "max_wall_s", "target_heldout", "stop_when_spent"}
+            free = {"run_dir", "rounds", "serve_port", "serve_edgen", "max_wall_s", "target_heldout",
+                    "stop_when_spent"}
             mine = self.cfg.model_dump(exclude=free)
             theirs = old.model_dump(exclude=free)
             if mine != theirs:

@@ -371,6 +371,7 @@ def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: Im
 
     # Images of one size are encoded together; a batch may mix sizes.
     by_shape: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # each ref's latent (h, w): the row's bucket
     for ref in new_refs:
         img = from_png(images.get(ref))
         img = fit_image(img, *target_size(img.shape[0], img.shape[1], encoders.cfg))
@@ -379,6 +380,7 @@ def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: Im
         latents = encoders.encode_images(np.stack([img for _, img in group]))
         for (ref, _), z in zip(group, latents):
             store.put_latent(ref, z)
+            shapes[ref] = z.shape[-2:]
 
     if new_prompts:
         embs, masks = encoders.encode_prompts(new_prompts)
@@ -386,8 +388,8 @@ def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: Im
             store.put_text(p, e, m)
 
     new_r, new_p = set(new_refs), set(new_prompts)
-    # The latent's shape without reading it: .npy headers say (mmap reads nothing else).
-    shapes = {r: np.load(store.latent_path(r), mmap_mode="r", allow_pickle=False).shape[-2:] for r in set(refs)}
+    for r in set(refs) - shapes.keys():  # stored before: its .npy header says (mmap reads nothing else)
+        shapes[r] = np.load(store.latent_path(r), mmap_mode="r", allow_pickle=False).shape[-2:]
     return {
         "prompt": np.array(prompts, dtype=object),
         "image_ref": np.array(refs, dtype=object),

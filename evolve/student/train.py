@@ -52,16 +52,19 @@ def save_checkpoint(directory: str | Path, student: torch.nn.Module, ema: EMA, o
                     state: dict, full: dict | None = None) -> Path:
     """`full`: under FSDP, the gathered {"weights", "ema", "optimizer"} to write
     instead of the (sharded) objects' own."""
-    if full is not None:
-        d = student.save_pretrained(directory, ema=full["ema"], weights=full["weights"])
-        torch.save(full["optimizer"], d / OPTIMIZER_NAME)
-        (d / STATE_NAME).write_text(json.dumps(state, indent=2))
-        return d
-    d = student.save_pretrained(directory, ema=ema)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), d / OPTIMIZER_NAME)
+    d = save_weights(directory, student, ema, full)
+    opt_sd = full["optimizer"] if full is not None else optimizer.state_dict() if optimizer is not None else None
+    if opt_sd is not None:
+        torch.save(opt_sd, d / OPTIMIZER_NAME)
     (d / STATE_NAME).write_text(json.dumps(state, indent=2))
     return d
+
+
+def save_weights(directory: str | Path, student: torch.nn.Module, ema: EMA, full: dict | None = None) -> Path:
+    """save_pretrained: the student's own weights and EMA, or FSDP's gathered ones (`full`)."""
+    if full is None:
+        return student.save_pretrained(directory, ema=ema)
+    return student.save_pretrained(directory, ema=full["ema"], weights=full["weights"])
 
 
 def load_checkpoint(directory: str | Path, student: torch.nn.Module, ema: EMA,
@@ -436,10 +439,7 @@ def train_loop_per_worker(config: dict) -> None:
         """EMA weights for the loop to sample: written whole, then renamed."""
         final = snapshot_dir / f"step_{step:07d}"
         with atomic_dir(final) as tmp:
-            if full is None:
-                student.save_pretrained(tmp, ema=ema)
-            else:
-                student.save_pretrained(tmp, ema=full["ema"], weights=full["weights"])
+            save_weights(tmp, student, ema, full)
         for old in sorted(snapshot_dir.glob("step_*"))[:-tcfg.keep_snapshots]:
             shutil.rmtree(old, ignore_errors=True)
         ray.get(feed.snapshot.remote(step, str(final), {**metrics, "version": data["version"]}))
