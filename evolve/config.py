@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,6 +47,76 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# --------------------------------------------------------------------------- worlds
+# A world says where prompts come from and how images are judged against them
+# (evolve/world.py). The run's `world` section picks one by `kind`.
+
+
+class ShapesWorldConfig(_Strict):
+    """The embedded shapes world (shared/specs/shapes-world.md): prompts from its
+    grammar, held-out images scored exactly by its scene parser."""
+
+    kind: Literal["shapes"] = "shapes"
+    seed_prompts: int = Field(48, ge=1, description="size of the seed prompt set, drawn from the grammar")
+    seed_categories: tuple[str, ...] | None = Field(None, description="draw seeds from these categories only")
+    heldout_per_category: int = Field(16, ge=1, description="held-out images per category")
+
+
+class PromptSource(_Strict):
+    """One prompt file: JSONL, CSV, TSV, plain text (one prompt a line) or Parquet.
+
+    Columns are found by name when not given: the prompt in `prompt`, `Prompt`,
+    `Prompts`, `text` or `caption`; the category in `category`, `Category`,
+    `tag` or `skill`; the id in `id`. PartiPrompts' TSV, DrawBench's CSV and
+    GenEval's evaluation_metadata.jsonl load as they are published."""
+
+    path: Path
+    format: Literal["auto", "jsonl", "csv", "tsv", "txt", "parquet"] = "auto"
+    prompt_column: str | None = None
+    category_column: str | None = None
+    id_column: str | None = None
+    limit: int | None = Field(None, ge=1, description="only the first `limit` prompts")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, data):
+        return {"path": data} if isinstance(data, (str, Path)) else data
+
+
+class PromptsWorldConfig(_Strict):
+    """Free text: seed and held-out prompts from files the user brings; held-out
+    images scored by the VLM judge (pairwise win rates, alignment)."""
+
+    kind: Literal["prompts"] = "prompts"
+    seed: PromptSource = Field(description="the seed prompt set")
+    heldout: PromptSource = Field(description="held-out prompts; none may be among the seeds")
+    max_prompt_chars: int = Field(1000, ge=1, description="a longer prompt in a file is an error")
+    heldout_images_per_prompt: int = Field(1, ge=1, le=16, description="images (seeds) per held-out prompt")
+
+
+WorldConfig = Annotated[ShapesWorldConfig | PromptsWorldConfig, Field(discriminator="kind")]
+
+
+class EvaluationConfig(_Strict):
+    """How students and teachers are scored on the held-out prompts (evolve/evaluation.py).
+
+    metric "auto": the world's own exact scorer where it has one (the shapes
+    world's scene parser), else the VLM. "vlm": the judge, as the paper scores
+    Edgen: the student's pairwise win rate against each teacher (both orders
+    asked, agreeing answers only) and a per-image alignment score."""
+
+    metric: Literal["auto", "scene", "vlm"] = "auto"
+    alignment: Literal["auto", "vqascore", "questions", "none"] = Field(
+        "auto", description="vqascore: P('Yes') to 'does this image show {prompt}?' from the answer's "
+        "logprobs; questions: the VLM writes yes/no questions per prompt once (cached), then answers "
+        "them per image (TIFA / DSG); auto: vqascore where the backend returns logprobs")
+    win_rate: bool = Field(True, description="vlm: the student against each teacher, both orders")
+    reference: Literal["shapes"] | None = Field(
+        None, description="also score with this world's exact scorer, to check the VLM against it "
+        "(shapes: prompts its reader understands)")
+    max_questions: int = Field(8, ge=1, le=32, description="most yes/no questions per prompt")
 
 
 class FlawProfile(_Strict):
@@ -148,6 +218,8 @@ class EncoderConfig(_Strict):
     tiny_text_dim: int = Field(32, ge=1)
     tiny_text_layers: int = Field(2, ge=1)
     tiny_text_heads: int = Field(4, ge=1)
+    tiny_vocabulary: tuple[str, ...] | None = Field(
+        None, description="the tiny T5's words (a word-level tokenizer); None: the run's world fills it in")
 
     def identity(self) -> dict:
         """The fields that decide what the features are (not where or how fast
@@ -188,8 +260,11 @@ class StudentConfig(_Strict):
         None, ge=1, description="width of precomputed text embeddings (4096: T5-v1.1-XXL); None: own encoder")
     encoders: EncoderConfig | None = Field(
         None, description="the frozen VAE + text encoder of a latent student (latent_channels set)")
-    # Text encoder over the prompt grammar's words
-    vocab_size: int = Field(32, ge=4, description="embedding rows; >= grammar words + 3 specials")
+    # The pixel student's own text encoder, over a word-level vocabulary
+    vocabulary: tuple[str, ...] | None = Field(
+        None, description="the tokenizer's words; None: the run's world fills it in (a checkpoint "
+        "carries its own tokenizer.json)")
+    vocab_size: int = Field(32, ge=4, description="embedding rows; >= words + 3 specials")
     text_dim: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -214,6 +289,14 @@ class StudentConfig(_Strict):
                              f"hidden_size {self.hidden_size} must divide by 3")
         if self.sample_size % self.patch_size and self.arch == "pixart":
             raise ValueError(f"denoiser input {self.sample_size}px does not divide by patch_size {self.patch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _vocabulary_fits(self) -> "StudentConfig":
+        if self.vocabulary is not None and len(set(self.vocabulary)) + 3 > self.vocab_size:
+            raise ValueError(f"student.vocab_size {self.vocab_size} is too small for its vocabulary of "
+                             f"{len(set(self.vocabulary))} words and 3 special tokens: set vocab_size >= "
+                             f"{len(set(self.vocabulary)) + 3}")
         return self
 
     @model_validator(mode="after")
@@ -363,11 +446,14 @@ class JudgeTemplates(_Strict):
     """What the judge asks a VLM: versioned configuration, not code.
 
     The default wording is upstream EvolveDirector's (its LLaVA-NeXT queries);
-    `{prompt}`, `{k}`, `{n}`, `{examples}` and `{style}` are filled in. Change
-    `version` with the wording, so a verdict log says which questions it answers.
+    `{prompt}`, `{k}`, `{n}`, `{examples}`, `{style}` and `{question}` are
+    filled in. Change `version` with the wording, so a verdict log says which
+    questions it answers. The evaluation questions are VQAScore's (`vqa`: the
+    probability of "Yes") and, for backends without logprobs, TIFA / DSG-style
+    decomposed yes/no questions (`questions`, then `answer` for each).
     """
 
-    version: str = "evolvedirector-v1"
+    version: str = "evolvedirector-v1+eval-v1"
     system: str | None = None
     discriminate: str = (
         'In these two images (A) and (B), which one aligns better with the text description '
@@ -393,10 +479,21 @@ class JudgeTemplates(_Strict):
     )
     reask: str = ("Your previous answer could not be used ({problem}). "
                   "Answer again, exactly in the format asked.")
+    # -- evaluation
+    vqa: str = 'Does this figure show "{prompt}"? Please answer yes or no.'
+    questions: str = (
+        'Write at most {n} yes/no questions that together check whether an image shows exactly '
+        '"{prompt}": one question for each object, each attribute (colour, count) and each relation '
+        'the description names, each answerable from the image alone. Arrange them in the format of '
+        'a list ["Question 1", "Question 2", ...].')
+    answer: str = "{question} Please answer yes or no."
+    yes: str = "Yes"
+    no: str = "No"
 
     @model_validator(mode="after")
     def _fields_present(self) -> "JudgeTemplates":
-        need = {"discriminate": ["{prompt}"], "expand": ["{prompt}", "{k}"], "mutate": ["{n}"]}
+        need = {"discriminate": ["{prompt}"], "expand": ["{prompt}", "{k}"], "mutate": ["{n}"],
+                "vqa": ["{prompt}"], "questions": ["{prompt}", "{n}"], "answer": ["{question}"]}
         for name, keys in need.items():
             missing = [k for k in keys if k not in getattr(self, name)]
             if missing:
@@ -404,6 +501,19 @@ class JudgeTemplates(_Strict):
         if self.choice_a == self.choice_b or not self.choice_a or not self.choice_b:
             raise ValueError("choice_a and choice_b must be two different, non-empty answers")
         return self
+
+
+class EmbeddedVLMConfig(_Strict):
+    """The embedded VLM (serve/embedded_vlm.py): an OpenAI-compatible chat server
+    whose eyes are the shapes world's scene parser. It answers the judge's
+    templates and the evaluation questions from the pixels it is sent."""
+
+    logprobs: bool = Field(True, description="answer `logprobs` / `top_logprobs` requests (as vLLM and "
+                           "OpenAI do); off: as a server without them")
+    noise: float = Field(0.0, ge=0, le=0.5, description="chance of a wrong answer to any question (a "
+                         "fallible VLM); seeded by the request")
+    latency_s: float = Field(0.0, ge=0, description="seconds per answer")
+    seed: int = 0
 
 
 class JudgeConfig(_Strict):
@@ -415,13 +525,16 @@ class JudgeConfig(_Strict):
     backend "vllm": Ray Serve hosts the VLM (`ray.serve.llm`, `llm` holds its
         LLMConfig: model, engine kwargs, accelerator, autoscaling); the judge then
         talks to it as backend "openai" through the cluster's Serve proxy.
+    backend "embedded_vlm": the run starts the embedded VLM (`embedded_vlm`) on
+        127.0.0.1 and the judge talks to it as backend "openai", over HTTP.
     """
 
-    backend: Literal["scene", "openai", "vllm"] = "scene"
+    backend: Literal["scene", "openai", "vllm", "embedded_vlm"] = "scene"
     base_url: str | None = None
     model: str | None = None
     api_key_env: str | None = Field(None, description="env var holding the endpoint's key; never a file")
     llm: dict | None = Field(None, description="backend vllm: ray.serve.llm LLMConfig fields")
+    embedded_vlm: EmbeddedVLMConfig = EmbeddedVLMConfig()
     max_batch_size: int = Field(32, ge=1)
     batch_wait_s: float = Field(0.05, ge=0)
     seed: int = 0
@@ -442,8 +555,12 @@ class JudgeConfig(_Strict):
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0)
     max_prompt_chars: int = Field(300, ge=1, description="longer generated prompts are rejected")
-    grammar_check: bool = Field(True, description="shapes world: generated prompts must parse")
+    grammar_check: bool | None = Field(None, description="generated prompts must parse in the shapes "
+                                       "grammar; None: as the run's world (on in the shapes world)")
     mutate_examples: int = Field(8, ge=0, description="training prompts shown when asking for new ones")
+    logprobs: bool = Field(True, description="ask for the answer's logprobs on yes/no questions "
+                           "(VQAScore); a backend that returns none falls back to decomposed questions")
+    top_logprobs: int = Field(20, ge=1, le=20)
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "JudgeConfig":
@@ -469,7 +586,8 @@ class EdgenServeConfig(_Strict):
     max_guidance: float = Field(20.0, ge=1)
     default_steps: int = Field(20, ge=1)
     default_guidance: float = Field(2.0, ge=1)
-    grammar_check: bool = Field(True, description="shapes world: prompts outside the grammar are a 400")
+    grammar_check: bool | None = Field(None, description="prompts outside the shapes grammar are a 400; "
+                                       "None: as the world the student was trained in (on for shapes)")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: images sampled together")
     batch_wait_s: float = Field(0.02, ge=0)
     num_replicas: int | Literal["auto"] = 1
@@ -506,9 +624,9 @@ class RunConfig(_Strict):
     run_dir: Path = Path("runs/default")
     seed: int = 0
     rounds: int = Field(3, ge=1)
-    seed_prompts: int = Field(48, ge=1, description="size of the seed prompt set")
-    seed_categories: tuple[str, ...] | None = None
-    heldout_per_category: int = Field(16, ge=1)
+    world: WorldConfig = Field(default_factory=ShapesWorldConfig, description="where prompts come from "
+                               "and how images are scored against them")
+    evaluation: EvaluationConfig = EvaluationConfig()
     teachers: list[TeacherConfig] = Field(default_factory=default_teachers)
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
@@ -542,6 +660,36 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _world_fits(self) -> "RunConfig":
+        if self.world.kind != "shapes":
+            if self.judge.backend == "scene":
+                raise ValueError(f"judge backend 'scene' reads shapes-world prompts only; the {self.world.kind} "
+                                 "world needs a VLM judge: backend openai, vllm or embedded_vlm")
+            if self.evaluation.metric == "scene":
+                raise ValueError(f"evaluation.metric 'scene' is the shapes world's scorer; the "
+                                 f"{self.world.kind} world is scored by the VLM (metric vlm or auto)")
+            if self.judge.grammar_check:
+                raise ValueError(f"judge.grammar_check screens generated prompts with the shapes grammar; "
+                                 f"the {self.world.kind} world takes free text: leave it unset")
+        return self
+
+    @classmethod
+    def load(cls, path: Path | str) -> "RunConfig":
+        """As `_Strict.load`; prompt files named in `world` are found relative to
+        the config file (an absolute path is kept as it is)."""
+        path = Path(path)
+        data = _read_config(path)
+        world = data.get("world")
+        if isinstance(world, dict):
+            for key in ("seed", "heldout"):
+                src = world.get(key)
+                if isinstance(src, (str, Path)):
+                    src = {"path": src}
+                if isinstance(src, dict) and "path" in src and not Path(src["path"]).is_absolute():
+                    world[key] = {**src, "path": str((path.resolve().parent / src["path"]).resolve())}
+        return cls.model_validate(data)
+
+    @model_validator(mode="after")
     def _buckets_stream(self) -> "RunConfig":
         # A worker's in-memory shard is one array per column: one latent shape.
         enc = self.student.encoders
@@ -550,5 +698,4 @@ class RunConfig(_Strict):
                              "from streamed features: set train.features_in_memory: false")
         return self
 
-    # -- files ---------------------------------------------------------------
 

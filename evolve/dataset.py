@@ -22,6 +22,8 @@ from typing import Iterable, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evolve.world import UNKNOWN
+
 Op = Literal["seed", "expand", "mutate"]
 OPS: tuple[str, ...] = ("seed", "expand", "reseed", "mutate")
 
@@ -46,7 +48,7 @@ class Record:
 
     id: str
     prompt: str
-    category: str
+    category: str | None          # the prompt's skill; None where the world does not know it
     teacher: str
     image_ref: str
     seed: int
@@ -119,7 +121,7 @@ class DatasetVersions:
             manifest = {
                 "version": version,
                 "num_records": len(records),
-                "categories": _counts(r.category for r in records),
+                "categories": _counts(r.category or UNKNOWN for r in records),
                 "ops": _counts(r.op for r in records),
                 "teachers": _counts(r.teacher for r in records),
                 **(meta or {}),

@@ -1,9 +1,9 @@
 """How far to trust a judge: pairs whose right answer is known, asked both ways round.
 
-Each pair is a grammar prompt with two shapes-world images: one drawn right,
-one drawn by a flawed teacher (the flaw of the prompt's skill: a count off by
-one, a colour swapped, a relation flipped, or a shape changed). The judge is
-asked about every pair twice, right image first and right image second
+Each pair is a prompt with two images, one right and one wrong, made by the
+world (`World.judge_pairs`; the shapes world draws a prompt right and with a
+flawed teacher: a count off by one, a colour swapped, a relation flipped, or a
+shape changed). The judge is asked about every pair twice, right image first and right image second
 (`backend.compare`, which shows its images in the order given). Reported:
 
 - accuracy: answers that pick the right image, over all questions asked;
@@ -25,50 +25,18 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
-from evolve import shapes
-from evolve.config import FlawProfile
 from evolve.judging import DiscriminateRequest, TeacherImage
-from evolve.shapes.render import teacher_render
-
-# The flaw that breaks each category's skill (shape, where the skill has no flaw of its own).
-SKILL_FLAW = {
-    "counting": FlawProfile(count=1.0),
-    "colors": FlawProfile(color=1.0),
-    "color_attr": FlawProfile(color=1.0),
-    "position": FlawProfile(relation=1.0),
-    "single_object": FlawProfile(shape=1.0),
-    "two_object": FlawProfile(shape=1.0),
-}
 
 
 @dataclass(frozen=True)
 class Pair:
+    """A prompt, an image that shows it and one that does not (`flaws`: how)."""
+
     prompt: str
     category: str
     right: bytes
     wrong: bytes
     flaws: tuple[str, ...]
-
-
-def make_pairs(n: int, size: int = 32, seed: int = 0) -> list[Pair]:
-    """`n` pairs, categories in turn; each image checked by the scene parser so the
-    truth is certain (a pair whose images the parser cannot tell apart is skipped)."""
-    rng = np.random.default_rng(seed)
-    pairs: list[Pair] = []
-    tries = 0
-    while len(pairs) < n and tries < 20 * n:
-        cat = shapes.CATEGORIES[tries % len(shapes.CATEGORIES)]
-        tries += 1
-        prompt = shapes.sample_prompt(rng, cat)
-        s = int(rng.integers(2**31))
-        right = shapes.render(prompt, seed=s, size=size)
-        wrong, fired = teacher_render(prompt, s + 1, size, SKILL_FLAW[cat], teacher_seed=seed)
-        if not fired or not shapes.check(prompt, right).satisfied or shapes.check(prompt, wrong).satisfied:
-            continue
-        pairs.append(Pair(prompt.text, cat, shapes.to_png(right), shapes.to_png(wrong), tuple(fired)))
-    return pairs
 
 
 def judge_eval(backend, pairs: list[Pair], concurrency: int = 8, throughput_requests: int = 64,

@@ -121,6 +121,84 @@ class MutateResult(_Msg):
     rejected: list[Rejected] = Field(default_factory=list)
 
 
+# --------------------------------------------------------------------------- evaluation
+# How the held-out images are scored by a VLM (evolve/evaluation.py): pairwise
+# questions in a fixed order, and per-image alignment, as VQAScore (P("Yes")
+# from logprobs) or TIFA / DSG-style decomposed yes/no questions.
+
+
+class CompareRequest(_Msg):
+    """One pairwise question, shown in the order given: does `first` (A) or
+    `second` (B) fit the prompt better? Answered by a `Comparison` whose
+    winner is "first", "second" or None."""
+
+    prompt: str
+    first: PngBytes
+    second: PngBytes
+
+
+class QuestionsRequest(_Msg):
+    """Write at most n yes/no questions that check an image against the prompt."""
+
+    prompt: str
+    n: int = Field(8, ge=1, le=32)
+
+
+class QuestionsResult(_Msg):
+    prompt: str
+    questions: list[str]
+    raw: list[str] = Field(default_factory=list, description="VLM judges: raw answers, re-asks included")
+    rejected: list[Rejected] = Field(default_factory=list)
+
+
+class AlignRequest(_Msg):
+    """How well one image shows its prompt. Without `questions`: VQAScore, the
+    probability of "Yes" to the judge's `vqa` question. With them: the mean
+    probability of "Yes" over those questions (each asked with the `answer`
+    template)."""
+
+    prompt: str
+    image: PngBytes
+    questions: list[str] | None = None
+
+
+class Answer(_Msg):
+    """One yes/no question as asked and answered."""
+
+    question: str
+    raw: list[str] = Field(default_factory=list, description="raw answers, re-asks included")
+    p_yes: float | None = Field(None, ge=0, le=1, description="from the answer's logprobs where the "
+                                "backend returns them, else 1 or 0 from its text; None: no usable answer")
+    from_logprobs: bool = False
+
+
+class AlignResult(_Msg):
+    prompt: str
+    score: float | None = Field(None, ge=0, le=1, description="None: no verdict (no usable answer)")
+    method: str = Field(description="vqascore | questions | scene")
+    answers: list[Answer] = Field(default_factory=list)
+    logprobs: bool = Field(False, description="every answer's p_yes came from logprobs")
+
+
+def parse_yes_no(answer: str, yes: str = "Yes", no: str = "No") -> tuple[bool | None, str | None]:
+    """True / False for an answer that says yes or no (first word, any case,
+    punctuation ignored, or a JSON {"answer": ...}); None and the problem otherwise."""
+    text = _FENCE.sub("", answer.strip())
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict) and isinstance(obj.get("answer"), str):
+            text = obj["answer"]
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    words = re.findall(r"[a-z]+", text.lower())
+    first = words[0] if words else ""
+    if first == yes.lower():
+        return True, None
+    if first == no.lower():
+        return False, None
+    return None, f"the answer starts with neither {yes!r} nor {no!r}"
+
+
 # --------------------------------------------------------------------------- reading VLM answers
 # A VLM's answer is untrusted text. These functions read it strictly (JSON is
 # parsed, never evaluated), repair what can be repaired without guessing, and

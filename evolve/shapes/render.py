@@ -10,15 +10,14 @@ from Python's salted hash()), so an image can always be drawn again.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
 
 from evolve.config import FlawProfile
+from evolve.images import PNG_MAGIC, from_png, to_png  # noqa: F401 - PNG helpers, re-exported
 from evolve.shapes.grammar import COLORS, COUNTS, SHAPES, Prompt, parse
 
 # Geometry. The spec asks for >= 1 background pixel between bounding boxes and
@@ -29,7 +28,6 @@ POSITION_MARGIN = 0.15
 MAX_TRIES = 200
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -246,29 +244,3 @@ def teacher_render(prompt: Prompt | str, seed: int, size: int, flaws: FlawProfil
     spec, fired = apply_flaws(p, flaws, _rng(key + "|flaws"))
     return draw(layout(spec, _rng(key + "|layout"), size), size), fired
 
-
-# -- PNG ---------------------------------------------------------------------------------
-
-def to_png(arr: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 image as PNG bytes."""
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {arr.shape} {arr.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def from_png(data: bytes, size: int | None = None) -> np.ndarray:
-    """Decode PNG bytes to an (H, W, 3) uint8 RGB array; with `size`, insist on size x size."""
-    if not isinstance(data, (bytes, bytearray)) or not bytes(data[:8]) == PNG_MAGIC:
-        head = bytes(data[:8]) if isinstance(data, (bytes, bytearray)) else type(data).__name__
-        raise ValueError(f"not a PNG image (starts with {head!r})")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as e:  # truncated or corrupt file
-        raise ValueError(f"unreadable PNG: {e}") from e
-    if size is not None and arr.shape[:2] != (size, size):
-        raise ValueError(f"expected a {size}x{size} image, got {arr.shape[1]}x{arr.shape[0]}")
-    return arr
