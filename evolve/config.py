@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class _Strict(BaseModel):
@@ -96,7 +96,13 @@ class PromptsWorldConfig(_Strict):
     heldout_images_per_prompt: int = Field(1, ge=1, le=16, description="images (seeds) per held-out prompt")
 
 
-WorldConfig = Annotated[ShapesWorldConfig | PromptsWorldConfig, Field(discriminator="kind")]
+def _world_kind(v) -> str:
+    return v.get("kind", "shapes") if isinstance(v, dict) else getattr(v, "kind", "shapes")
+
+
+# `kind` picks the world; without one it is the shapes world.
+WorldConfig = Annotated[Annotated[ShapesWorldConfig, Tag("shapes")] | Annotated[PromptsWorldConfig, Tag("prompts")],
+                        Discriminator(_world_kind)]
 
 
 class EvaluationConfig(_Strict):
@@ -633,10 +639,13 @@ class RunConfig(_Strict):
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     evolution: EvolutionConfig = EvolutionConfig()
+    # The run's caps are on training data. The held-out images bought to score the
+    # teachers (held-out prompts x teachers) come on top and are reported apart;
+    # each teacher's own `budget`, kept by its gateway, caps everything it is paid.
     max_images: int | None = Field(None, ge=1, description="most training images the run may buy, every "
                                    "teacher's image of a prompt counted (the science benchmarks' budget)")
-    budget: float | None = Field(None, ge=0, description="most the run may pay all teachers together "
-                                 "(each teacher also keeps its own `budget`); None = no total cap")
+    budget: float | None = Field(None, ge=0, description="most the run may pay all teachers together for "
+                                 "training images; None = no total cap")
     serve_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port, bound on 127.0.0.1")
     serve_edgen: bool = Field(False, description="serve the student at /edgen/v1 during the run, "
                               "switching to each new round's checkpoint")

@@ -37,6 +37,7 @@ class NewPrompt:
     op: str                       # "seed" | "expand" | "reseed" | "mutate"
     parent_id: str | None = None
     copy: int = 0                 # > 0: another render (new seed) of a prompt the set already has
+    category: str | None = None   # as far as known: the world's, or an expansion's parent's
 
 
 @dataclass
@@ -92,10 +93,13 @@ def new_prompts(
     mutation: MutateResult | None,
     existing: set[str],
     reseed_to: int = 0,
+    parent_categories: dict[str, str | None] | None = None,
 ) -> list[NewPrompt]:
     """Judge outputs -> new prompts, without duplicates of each other or of `existing`.
 
-    `expansions` maps a parent record id to the judge's variants of its prompt.
+    `expansions` maps a parent record id to the judge's variants of its prompt;
+    a variant exercises its parent's skill, so it inherits the parent's
+    category (`parent_categories`); a mutation's is unknown.
     `reseed_to`: a parent whose new variants number fewer than this gets new
     renders of its own prompt for the rest (copies 1, 2, ... per prompt text,
     so each becomes a record of its own with its own seed).
@@ -104,15 +108,16 @@ def new_prompts(
     out: list[NewPrompt] = []
     copies: dict[str, int] = {}
     for parent_id, result in expansions.items():
+        cat = (parent_categories or {}).get(parent_id)
         fresh = 0
         for p in result.variants:
             if p not in seen:
                 seen.add(p)
                 fresh += 1
-                out.append(NewPrompt(p, "expand", parent_id))
+                out.append(NewPrompt(p, "expand", parent_id, category=cat))
         for _ in range(reseed_to - fresh):
             n = copies[result.prompt] = copies.get(result.prompt, 0) + 1
-            out.append(NewPrompt(result.prompt, "reseed", parent_id, copy=n))
+            out.append(NewPrompt(result.prompt, "reseed", parent_id, copy=n, category=cat))
     if mutation is not None:
         for p in mutation.prompts:
             if p not in seen:
@@ -126,7 +131,7 @@ def select_records(
     seeds: list[int],
     verdicts: list[DiscriminateVerdict],
     refs: list[dict[str, str]],
-    categories: list[str],
+    categories: list[str | None],
     round_added: int,
 ) -> list[Record]:
     """Each new prompt trains on the image of the teacher the judge picked

@@ -14,7 +14,7 @@ import json
 from html import escape
 from pathlib import Path
 
-from evolve.report import load_rounds
+from evolve.run_folder import load_rounds
 from evolve.store import write_atomic
 
 MAX_LINEAGE_ROWS = 300

@@ -36,6 +36,14 @@ def from_png(data: bytes, size: int | None = None) -> np.ndarray:
     return arr
 
 
+def thumbnail(data: bytes, size: int) -> np.ndarray:
+    """PNG bytes as a size x size uint8 RGB array, whatever size they came at (for grids)."""
+    arr = from_png(data)
+    if arr.shape[:2] == (size, size):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR))
+
+
 def save_grid(images: list[np.ndarray], path: Path, scale: int = 3, cols: int = 8) -> None:
     """A grid of images (one size), upscaled `scale` times, as a PNG at `path`."""
     if not images:

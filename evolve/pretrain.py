@@ -1,12 +1,11 @@
-"""The shapes-world base student: what PixArt-alpha is to the paper's Edgen.
+"""A base student: what PixArt-alpha is to the paper's Edgen.
 
-`evolve pretrain-base` trains it with the project's own Ray Train path on
-exact renders of a base curriculum that teaches drawing (single objects,
-colours, two different objects) and leaves the compositional skills (counting,
-position, colour binding) for the teachers and the loop. It is seeded and
-resumable: run it again with the same --work-dir and it continues from its
-last checkpoint. `export_base` writes the shipped checkpoint: EMA weights only,
-in float16 (a few MB).
+`evolve pretrain-base` trains one with the project's own Ray Train path on a
+world's base curriculum (`World.replay_rows`; the shapes world's renders every
+prompt of the categories that teach drawing, and leaves the compositional
+skills for the teachers and the loop). It is seeded and resumable: run it
+again with the same --work-dir and it continues from its last checkpoint.
+`export_base` writes a shippable checkpoint: EMA weights only, in float16.
 """
 
 from __future__ import annotations
@@ -16,32 +15,14 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 
 from evolve.config import StudentConfig, TrainConfig
 from evolve.dataset import atomic_dir
-from evolve.shapes.grammar import all_prompts
-from evolve.shapes.render import render, to_png
-
-BASE_CATEGORIES = ("single_object", "colors", "two_object")
+from evolve.world import World
 
 
-def curriculum(per_prompt: int, size: int, seed: int = 0) -> list[dict]:
-    """Rows {prompt, image} of exact renders of every prompt of the base categories.
-
-    The grammar is finite (single_object has 3 prompts, two_object 6) so the
-    held-out set shares its prompts with training, as GenEval's do with real
-    models; what is held out is the images (the evaluation's own seeds)."""
-    rows = []
-    for cat in BASE_CATEGORIES:
-        for p in all_prompts(cat):
-            for k in range(per_prompt):
-                rows.append({"prompt": p.text, "image": to_png(render(p, seed=seed * 1_000_003 + k, size=size))})
-    return rows
-
-
-def pretrain_base(work_dir: Path, *, student_cfg: StudentConfig, train_cfg: TrainConfig, steps: int,
-                  per_prompt: int, seed: int = 0) -> str:
+def pretrain_base(work_dir: Path, world: World, *, student_cfg: StudentConfig, train_cfg: TrainConfig,
+                  steps: int, per_prompt: int, seed: int = 0) -> str:
     """Train (or resume) the base run under work_dir; returns the final checkpoint folder."""
     import ray
 
@@ -58,7 +39,11 @@ def pretrain_base(work_dir: Path, *, student_cfg: StudentConfig, train_cfg: Trai
         # Same folder, other settings: resuming would mix two runs.
         raise ValueError(f"{work_dir} holds a base run with other settings; use another --work-dir")
     spec_path.write_text(json.dumps(spec, indent=2))
-    rows = curriculum(per_prompt, student_cfg.image_size, seed)
+    rows = world.replay_rows(per_prompt, student_cfg.image_size, seed)
+    if not rows:
+        raise ValueError(f"the {world.name} world has no base curriculum to pretrain on")
+    if student_cfg.vocabulary is None and not student_cfg.is_latent:
+        student_cfg = student_cfg.model_copy(update={"vocabulary": tuple(world.vocabulary() or ())})
     ds = ray.data.from_items(rows)
     return fit_student(ds, student_cfg=student_cfg, train_cfg=train_cfg, steps=steps,
                        storage_path=str(work_dir / "ray_train"), name="base",
@@ -87,13 +72,12 @@ def export_base(checkpoint: Path, out: Path) -> str:
     return digest
 
 
-def sample_check(checkpoint: Path, n_per_category: int = 16, seed: int = 0) -> dict:
-    """Held-out accuracy of a checkpoint (the model card's figures)."""
+def sample_check(checkpoint: Path, world: World) -> dict:
+    """Held-out score of a checkpoint by the world's exact scorer (the model card's figures)."""
     from evolve.config import SampleConfig
-    from evolve.shapes.scorer import heldout_set, score
+    from evolve.images import to_png
     from evolve.student.generate import generate_images
 
-    prompts = [p.text for p in heldout_set(n_per_category)]
-    seeds = list(np.arange(len(prompts)) + seed)
-    imgs = generate_images(str(checkpoint), prompts, seeds, SampleConfig())
-    return score(prompts, list(imgs)).to_dict()
+    items = world.heldout()
+    imgs = generate_images(str(checkpoint), [h.prompt for h in items], [h.seed for h in items], SampleConfig())
+    return world.score([h.prompt for h in items], [to_png(i) for i in imgs])

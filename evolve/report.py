@@ -7,11 +7,9 @@ import logging
 from pathlib import Path
 
 from evolve.dataset import write_json_atomic
+from evolve.html_report import write_html_report
 from evolve.ledger import Ledger
-
-
-def load_rounds(rounds_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(rounds_dir.glob("round_*.json"))]
+from evolve.run_folder import load_rounds
 
 
 def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dict], wall_s: float,
@@ -47,8 +45,6 @@ def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dic
     (folder.root / "report.md").write_text(_markdown(report))
     _plot(curve, teachers, folder.root / "accuracy.png")
     say(f"report: {folder.report}")
-    from evolve.html_report import write_html_report  # here: it imports this module
-
     try:  # a page for people: its failure must not lose the run's end
         say(f"html report: {write_html_report(folder)}")
     except Exception:  # noqa: BLE001

@@ -58,6 +58,7 @@ class World:
     """The interface, with the defaults of a world that has no optional part."""
 
     name = "world"
+    exact_scorer = False  # True where `score` is implemented
 
     def seed_prompts(self, rng: np.random.Generator, repeat: bool = False) -> list[WorldPrompt]:
         """The seed set. `repeat`: a prompt may come more than once (the

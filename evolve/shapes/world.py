@@ -16,6 +16,7 @@ class ShapesWorld(World):
     """Prompts from the grammar, held-out images scored exactly by the scene parser."""
 
     name = "shapes"
+    exact_scorer = True
 
     def __init__(self, cfg: ShapesWorldConfig | None = None) -> None:
         self.cfg = cfg or ShapesWorldConfig()

@@ -59,16 +59,18 @@ def _subfolder(name: str | None) -> dict[str, str]:
     return {"subfolder": name} if name else {}
 
 
-def build_tiny_tokenizer(max_tokens: int = 120):
-    """A T5-like word-level tokenizer over the shapes grammar, built offline:
-    <pad>=0, </s>=1, <unk>=2, then the grammar's words; every sequence ends in </s>."""
+def build_tiny_tokenizer(max_tokens: int = 120, words: tuple[str, ...] | list[str] | None = None):
+    """The tiny T5's tokenizer, built offline. With `words`: T5-like word-level,
+    <pad>=0, </s>=1, <unk>=2, then the words; every sequence ends in </s>.
+    Without: ByT5's byte-level tokenizer (the same three specials, then bytes):
+    any text, no vocabulary needed."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
-    from evolve.shapes.grammar import vocabulary
-
+    if words is None:
+        return ByT5Tokenizer(extra_ids=0, model_max_length=max_tokens)
     specials = [TINY_PAD, TINY_EOS, TINY_UNK]
-    words = sorted(set(vocabulary()) - set(specials))
+    words = sorted(set(words) - set(specials))
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=TINY_UNK))
     tk.normalizer = normalizers.Lowercase()
@@ -129,7 +131,7 @@ class FrozenEncoders:
 
                 vae = AutoencoderKL.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder, dtype=dtype)
             if cfg.text_encoder is None:
-                tokenizer = build_tiny_tokenizer(cfg.max_tokens)
+                tokenizer = build_tiny_tokenizer(cfg.max_tokens, cfg.tiny_vocabulary)
                 text_encoder = _tiny_t5(cfg, len(tokenizer))
             else:
                 from transformers import AutoTokenizer, T5EncoderModel
@@ -362,7 +364,7 @@ def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: Im
     "latent_path", "text_path", "bucket" (the latent's "HxW") and "encoded"
     (False: both files were already there). Encodes each missing image (at
     target_size) and prompt once, however often it repeats."""
-    from evolve.shapes.render import from_png
+    from evolve.images import from_png
 
     prompts = [str(p) for p in batch["prompt"]]
     refs = [str(r) for r in batch["image_ref"]]

@@ -199,7 +199,12 @@ class Student(_Pretrained):
     def __init__(self, config: StudentConfig, tokenizer=None):
         super().__init__()
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(max_length=config.max_tokens)
+        if tokenizer is None:
+            if config.vocabulary is None:
+                raise ValueError("a pixel-space Student builds its tokenizer from StudentConfig.vocabulary "
+                                 "(a run fills it from its world); give the words, or a checkpoint's tokenizer")
+            tokenizer = build_tokenizer(config.vocabulary, max_length=config.max_tokens)
+        self.tokenizer = tokenizer
         if len(self.tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, config.vocab_size is {config.vocab_size}")
         if config.caption_channels is not None or config.latent_channels is not None:

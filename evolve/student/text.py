@@ -1,14 +1,17 @@
-"""Text side of the student: a word-level tokenizer over the prompt grammar and a
-small transformer encoder.
+"""Text side of the pixel student: a word-level tokenizer and a small transformer encoder.
 
-The shapes world has a closed vocabulary of a couple of dozen words, so the
-tokenizer is built offline from `evolve.shapes.grammar.vocabulary()` (no hub):
-one id per word plus [PAD] (0), [UNK] (1) and [BOS] (2). Every sequence starts
+A small world has a closed vocabulary of a few dozen words (the shapes world's
+grammar, or the words of a user's prompt files), so the tokenizer is built
+offline from the words the world gives (`StudentConfig.vocabulary`; no hub):
+one id per word plus [PAD] (0), [UNK] (1) and [BOS] (2). Text is lower-cased
+and split on anything but letters, digits and apostrophes before lookup, so
+"A red circle." and "a red circle" are the same tokens. Every sequence starts
 with [BOS]; its hidden state doubles as the pooled prompt embedding.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -19,19 +22,18 @@ PAD, UNK, BOS = "[PAD]", "[UNK]", "[BOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS)
 
 
-def grammar_vocabulary() -> list[str]:
-    from evolve.shapes.grammar import vocabulary
+def words_of(text: str) -> list[str]:
+    """The words a word-level tokenizer looks up: lower case, runs of [a-z0-9']."""
+    return re.findall(r"[a-z0-9']+", text.lower())
 
-    return sorted(set(vocabulary()))
 
-
-def build_tokenizer(words: Iterable[str] | None = None, max_length: int = 12):
-    """A `PreTrainedTokenizerFast` with one id per grammar word (sorted, so ids
-    are stable across processes and machines)."""
+def build_tokenizer(words: Iterable[str], max_length: int = 12):
+    """A `PreTrainedTokenizerFast` with one id per word (sorted, so ids are
+    stable across processes and machines)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted(set(grammar_vocabulary() if words is None else words) - set(SPECIAL_TOKENS))
+    words = sorted(set(words) - set(SPECIAL_TOKENS))
     vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -52,7 +54,8 @@ def load_tokenizer(path: str | Path, max_length: int = 12):
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, max_length) int64, padded right."""
-    enc = tokenizer(list(prompts), padding="max_length", truncation=True,
+    # The word-level vocabulary is lower case without punctuation (see words_of).
+    enc = tokenizer([" ".join(words_of(p)) for p in prompts], padding="max_length", truncation=True,
                     max_length=max_length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 

@@ -118,7 +118,7 @@ def load_shard(shard, scfg: StudentConfig) -> dict:
 
 def rows_to_tensors(rows: list[dict], image_size: int) -> tuple[list[str], torch.Tensor]:
     """Rows {prompt, image: PNG bytes} -> (prompts, uint8 images (N, 3, S, S))."""
-    from evolve.shapes.render import from_png
+    from evolve.images import from_png
 
     images = np.stack([from_png(bytes(r["image"]), image_size) for r in rows])
     return [str(r["prompt"]) for r in rows], torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -304,212 +304,270 @@ def lr_schedule(tcfg: TrainConfig, warm_offset: int = 0):
     return lr_at
 
 
-# -- the loop ------------------------------------------------------------------------
+# -- the worker ----------------------------------------------------------------------
+class Worker:
+    """One Ray Train worker: the student, its EMA and optimizer, its data and its
+    step counts. `train_loop_per_worker` builds one and runs `fixed` (a number
+    of steps on the "train" shard) or `fed` (continuous training)."""
+
+    def __init__(self, config: dict) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.scfg = scfg = StudentConfig.model_validate(config["student"])
+        self.tcfg = tcfg = TrainConfig.model_validate(config["train"])
+        if tcfg.worker_nice:
+            # On shared CPUs the loop's sampling and judging are what someone waits
+            # for; training takes the CPU time they leave (it never waits on them).
+            os.nice(tcfg.worker_nice)
+        torch.set_num_threads(int(config.get("threads", tcfg.torch_threads)))
+        self.features = config.get("features")
+        self.snapshot_dir = Path(config["snapshot_dir"]) if config.get("snapshot_dir") else None
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+        # The device first: EMA and optimizer state then live where the weights do
+        # (a checkpoint's tensors are copied in, whatever device they were saved from).
+        self.device = device = ray.train.torch.get_device()
+        torch.manual_seed(tcfg.seed)
+        self.student = build_student(scfg).to(device)
+        if tcfg.gradient_checkpointing:
+            self.student.denoiser.enable_gradient_checkpointing()
+        self.ema = EMA(self.student, tcfg.ema_max_decay)
+        # FSDP: weights and EMA load whole, then are sharded; the optimizer is made
+        # for the shards, and its saved state loaded into them.
+        self.fsdp = tcfg.parallel == "fsdp" and self.world > 1
+        self.opt = None if self.fsdp else self.new_optimizer()
+        self.state, saved_optimizer = self.load(config.get("init_checkpoint"))
+        self.total = int(self.state.get("total_steps", 0))
+        self.start_total = self.total - self.step
+        if self.fsdp:
+            from evolve.student.fsdp import load_optimizer, shard_student
+
+            self.ema = shard_student(self.student, self.ema)
+            self.model, self.opt = self.student, self.new_optimizer()
+            if saved_optimizer is not None and not load_optimizer(self.student, self.opt, saved_optimizer):
+                self.opt = self.new_optimizer()  # not this run's kind of optimizer file: start it afresh
+            self.state["optimizer_loaded"] = saved_optimizer is not None and self.opt.state != {}
+        else:
+            self.model = ray.train.torch.prepare_model(self.student)
+        # lr warm-up counts the optimizer's own steps: a fresh AdamW (random init, or
+        # a checkpoint shipped without optimizer.pt) warms up again, a loaded one not.
+        self.lr_at = lr_schedule(tcfg, 0 if self.state.get("optimizer_loaded") else self.total - self.step)
+
+        self.local_bs = max(1, tcfg.batch_size // self.world)
+        self.batches = self.make_batches(config.get("replay"))
+        self.train_step = TrainStep(self.model, self.student, self.ema, self.opt, scfg, tcfg, device, self.gen)
+        self.version: int | None = None  # the dataset version trained on (continuous)
+        self.feed = None
+        self.checkpointed = False  # the last thing reported carried a checkpoint
+        self.t_start = time.perf_counter()
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.student.parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+
+    def load(self, init_checkpoint: str | None) -> tuple[dict, dict | None]:
+        """Weights from the run's own latest checkpoint (`ray.train.get_checkpoint()`:
+        a resume, step count included), else `init_checkpoint` (step 0), else the
+        seeded random init. Returns (state.json, FSDP's saved optimizer state)."""
+        import ray.train
+
+        def from_dir(d) -> tuple[dict, dict | None]:
+            saved = None
+            if self.fsdp and (Path(d) / OPTIMIZER_NAME).exists():
+                saved = torch.load(Path(d) / OPTIMIZER_NAME, weights_only=True)
+            return load_checkpoint(d, self.student, self.ema, self.opt), saved
+
+        resume = ray.train.get_checkpoint()
+        self.step = 0
+        if resume is not None:
+            with resume.as_directory() as d:
+                state, saved = from_dir(d)
+            self.step = int(state.get("step", 0))
+            return state, saved
+        if init_checkpoint:
+            return from_dir(init_checkpoint)
+        return {}, None
+
+    def make_batches(self, replay_rows: list[list[dict]] | None) -> "Batches":
+        """The batch source. Prior preservation: part of every batch (replay_fraction)
+        replays this rank's rows of `replay_rows` (a base curriculum; no teacher
+        image), so that skills whose prompts the loop deleted are not forgotten."""
+        tcfg, rank = self.tcfg, self.rank
+        n_replay = round(self.local_bs * tcfg.replay_fraction) if replay_rows and tcfg.replay_fraction > 0 else 0
+        replay = rows_to_tensors(replay_rows[rank], self.scfg.image_size) if n_replay else None
+        self.gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank + 7919 * self.total)
+        return Batches(self.student, self.scfg, tcfg.cond_drop, self.local_bs, self.device, self.gen,
+                       random.Random(tcfg.seed * 1000 + rank + 7919 * self.total), replay, n_replay,
+                       torch.Generator().manual_seed(tcfg.seed + rank + self.total), self.features)
+
+    def use(self, shard) -> None:
+        """Train on this Ray Data shard from now on (reading it runs its
+        precompute: Ray Data is lazy)."""
+        part = load_shard(shard, self.scfg)
+        if self.scfg.is_latent and self.batches.null is None:
+            # What a dropped caption becomes (classifier-free guidance); the
+            # precompute that made the shard has put it in the store.
+            from evolve.student.encoders import FeatureStore
+
+            emb, mask = FeatureStore(self.features).get_text("")
+            self.batches.null = torch.from_numpy(emb).float(), torch.from_numpy(mask)
+        self.batches.use(part)
+
+    # -- the two ways to train ---------------------------------------------------------
+    def fixed(self, shard, steps: int) -> None:
+        """`steps` steps on one shard; a checkpoint at the end (and every checkpoint_every)."""
+        self.use(shard)
+        window = self.new_window()
+        while self.step < steps:
+            window = self.one_step(window, last=self.step + 1 == steps)
+        if not self.checkpointed:  # nothing was left to do (a finished run resumed, or steps=0)
+            self.report({"loss": float(self.state.get("loss") or float("nan")), "step": self.step,
+                         "total_steps": self.total}, True)
+
+    def fed(self, feed) -> None:
+        """Continuous training: every poll_every steps ask the feed what to do (new
+        data, a snapshot the loop waits for, hold, stop), then train on."""
+        from evolve.student.feed import FeedClient
+
+        self.feed = FeedClient(feed, self.rank)
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        window = self.new_window()
+        while True:
+            if self.version is None or self.step % self.tcfg.poll_every == 0:
+                ans = self.poll()
+                if ans["snapshot"] and self.step > 0:  # the loop waits for weights after this many steps
+                    self.snapshot()
+                if ans.get("hold") and not ans["stop"]:  # lockstep: this version has had its steps
+                    ans = self.poll(held=True)
+                if ans["stop"]:
+                    break
+            window = self.one_step(window)
+        if not self.checkpointed:
+            self.report({"loss": float(self.state.get("loss") or float("nan")), "step": self.step,
+                         "total_steps": self.total}, True)
+
+    # -- pieces ---------------------------------------------------------------------------
+    def new_window(self) -> dict:
+        """What a metrics report averages over: losses, images seen, since when."""
+        return {"losses": [], "seen": 0, "t": time.perf_counter()}
+
+    def one_step(self, window: dict, last: bool = False) -> dict:
+        """One training step; every report_every steps (and at `last`) a metrics
+        report, with a checkpoint where due. Returns the (new) report window."""
+        x, cond, mask = self.batches.next()
+        loss = self.train_step(x, cond, mask, self.lr_at(self.total))
+        self.step += 1
+        self.total += 1
+        window["losses"].append(loss)  # read at report time: no device sync per step
+        window["seen"] += len(x) * self.world
+        if self.step % self.tcfg.report_every and not last:
+            return window
+        now = time.perf_counter()
+        metrics = {"loss": float(torch.stack(window["losses"]).float().mean()), "step": self.step,
+                   "total_steps": self.total, "images_per_s": window["seen"] / max(now - window["t"], 1e-9),
+                   "lr": self.lr_at(self.total - 1), "epoch": self.step * self.local_bs / self.batches.n,
+                   "data_wait_s": self.wait_s(), "train_s": now - self.t_start}
+        self.state["loss"], self.state["images_per_s"] = metrics["loss"], metrics["images_per_s"]
+        ckpt = last or bool(self.tcfg.checkpoint_every and self.step % self.tcfg.checkpoint_every == 0)
+        self.report(metrics, ckpt)
+        window = self.new_window()
+        self.checkpointed = ckpt
+        return window
+
+    def wait_s(self) -> float:
+        return self.feed.wait_s if self.feed is not None else 0.0
+
+    def progress(self) -> dict:
+        """Where training stands, for the feed (the loop's view of the trainer)."""
+        return {"step": self.step, "total_steps": self.total, "train_s": time.perf_counter() - self.t_start,
+                "data_wait_s": self.wait_s(), "loss": self.state.get("loss"),
+                "images_per_s": self.state.get("images_per_s")}
+
+    def poll(self, held: bool = False) -> dict:
+        """The feed's answer for this step; a newly published version's shard is swapped in."""
+        ans = self.feed.poll(self.step, self.version, self.progress() if self.rank == 0 else None, held)
+        if ans["shard"] is not None:
+            t = time.perf_counter()
+            self.use(ans["shard"])
+            self.version = ans["version"]
+            self.feed.wait_s += time.perf_counter() - t  # swapping data is waiting on the loop too
+        return ans
+
+    def gathered(self) -> dict | None:
+        """FSDP: full weights, EMA and optimizer state, gathered by every rank
+        (collective) for rank 0 to write. None without FSDP."""
+        if not self.fsdp:
+            return None
+        from evolve.student.fsdp import full_states
+
+        return full_states(self.student, self.ema, self.opt)
+
+    def snapshot(self) -> None:
+        """EMA weights for the loop to sample (rank 0 writes them whole, then
+        renames); every rank reports it as a Ray Train checkpoint too, a resume point."""
+        metrics, full = self.progress(), self.gathered()
+        if self.rank == 0:
+            final = self.snapshot_dir / f"step_{self.step:07d}"
+            with atomic_dir(final) as tmp:
+                save_weights(tmp, self.student, self.ema, full)
+            for old in sorted(self.snapshot_dir.glob("step_*"))[:-self.tcfg.keep_snapshots]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.feed.snapshot(self.step, str(final), {**metrics, "version": self.version})
+        self.report(metrics, True, full)
+        self.checkpointed = True
+
+    def report(self, metrics: dict, with_checkpoint: bool, full: dict | None = None) -> None:
+        """`ray.train.report` on every rank; with a checkpoint, rank 0 writes it
+        (under FSDP every rank gathers, so every rank calls `gathered`)."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        state = {"step": self.step, "total_steps": self.total, "ema_updates": self.ema.num_updates,
+                 "run_start_total": self.start_total, "loss": metrics.get("loss"),
+                 "images_per_s": metrics.get("images_per_s"), "train_s": time.perf_counter() - self.t_start,
+                 "feed_wait_s": self.wait_s(), "batch_s": self.batches.seconds}
+        full = full or self.gathered()
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                save_checkpoint(tmp, self.student, self.ema, self.opt, state, full)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker loop. config: {"student": StudentConfig dict, "train":
     TrainConfig dict, "steps": int | None, "init_checkpoint": str | None,
     "feed": TrainerFeed actor name | None, "snapshot_dir": str | None,
-    "features": FeatureStore root | None (a LatentStudent's null caption)}.
+    "features": FeatureStore root | None (a LatentStudent's null caption),
+    "replay": rows to replay, one list per rank | None}.
 
     Without a feed it trains `steps` steps on the "train" dataset shard. With a
     feed (continuous training) it asks the feed at every `poll_every`-th step
     boundary which dataset version to train on, swaps its shard in place when a
     new one is published, writes an EMA snapshot when the feed says the loop
     wants one (also a Ray Train checkpoint, to resume from), and returns when
-    the feed says stop (or at `steps`, if given)."""
-    import ray
+    the feed says stop."""
     import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
 
-    scfg = StudentConfig.model_validate(config["student"])
-    tcfg = TrainConfig.model_validate(config["train"])
-    if tcfg.worker_nice:
-        # On shared CPUs the loop's sampling and judging are what someone waits
-        # for; training takes the CPU time they leave (it never waits on them).
-        os.nice(tcfg.worker_nice)
-    steps = None if config.get("steps") is None else int(config["steps"])
-    feed = ray.get_actor(config["feed"]) if config.get("feed") else None
-    snapshot_dir = Path(config["snapshot_dir"]) if config.get("snapshot_dir") else None
-    torch.set_num_threads(int(config.get("threads", tcfg.torch_threads)))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-
-    # The device first: EMA and optimizer state then live where the weights do
-    # (a checkpoint's tensors are copied in, whatever device they were saved from).
-    device = ray.train.torch.get_device()
-    torch.manual_seed(tcfg.seed)
-    student = build_student(scfg).to(device)
-    if tcfg.gradient_checkpointing:
-        student.denoiser.enable_gradient_checkpointing()
-    ema = EMA(student, tcfg.ema_max_decay)
-    # FSDP: weights and EMA load whole, then are sharded; the optimizer is made
-    # for the shards, and its saved state loaded into them.
-    fsdp = tcfg.parallel == "fsdp" and world > 1
-
-    def new_optimizer() -> torch.optim.Optimizer:
-        return torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-
-    opt = None if fsdp else new_optimizer()
-    state: dict = {}
-    step = 0
-    saved_optimizer = None  # FSDP: the optimizer state to load once sharded
-
-    def load(d) -> dict:
-        nonlocal saved_optimizer
-        if fsdp and (Path(d) / OPTIMIZER_NAME).exists():
-            saved_optimizer = torch.load(Path(d) / OPTIMIZER_NAME, weights_only=True)
-        return load_checkpoint(d, student, ema, opt)
-
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = load(d)
-        step = int(state.get("step", 0))
-    elif config.get("init_checkpoint"):
-        state = load(config["init_checkpoint"])
-    total = int(state.get("total_steps", 0))
-    start_total = total - step
-
-    if fsdp:
-        from evolve.student.fsdp import full_states, load_optimizer, shard_student
-
-        ema = shard_student(student, ema)
-        model, opt = student, new_optimizer()
-        if saved_optimizer is not None and not load_optimizer(student, opt, saved_optimizer):
-            opt = new_optimizer()  # not this run's kind of optimizer file: start it afresh
-        state["optimizer_loaded"] = saved_optimizer is not None and opt.state != {}
+    worker = Worker(config)
+    worker.model.train()
+    if config.get("feed"):
+        worker.fed(config["feed"])
     else:
-        model = ray.train.torch.prepare_model(student)
-    # lr warm-up counts the optimizer's own steps: a fresh AdamW (random init, or
-    # a checkpoint shipped without optimizer.pt) warms up again, a loaded one not.
-    lr_at = lr_schedule(tcfg, 0 if state.get("optimizer_loaded") else total - step)
-
-    def gathered() -> dict | None:
-        """FSDP: full weights, EMA and optimizer state, gathered by every rank
-        (collective) for rank 0 to write. None without FSDP."""
-        return full_states(student, ema, opt) if fsdp else None
-
-    local_bs = max(1, tcfg.batch_size // world)
-    # Prior preservation: part of every batch replays exact renders of the base
-    # curriculum (what the base student was pretrained on; no teacher image),
-    # so that skills whose prompts the loop deleted are not forgotten.
-    # (Pixel students only: the curriculum is shapes-world renders, not latents.)
-    n_replay = round(local_bs * tcfg.replay_fraction) if tcfg.replay_fraction > 0 and not scfg.is_latent else 0
-    replay = None
-    if n_replay:
-        from evolve.pretrain import curriculum
-
-        replay = rows_to_tensors(curriculum(tcfg.replay_per_prompt, scfg.image_size, seed=1000 + rank),
-                                 scfg.image_size)
-    gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank + 7919 * total)
-    feeder = Batches(student, scfg, tcfg.cond_drop, local_bs, device, gen,
-                     random.Random(tcfg.seed * 1000 + rank + 7919 * total), replay, n_replay,
-                     torch.Generator().manual_seed(tcfg.seed + rank + total), config.get("features"))
-    train_step = TrainStep(model, student, ema, opt, scfg, tcfg, device, gen)
-    data = {"version": None, "wait_s": 0.0}  # the version trained on; time spent waiting on the feed
-
-    def use_shard(shard) -> None:
-        part = load_shard(shard, scfg)  # reading it runs its precompute (Ray Data is lazy)
-        if scfg.is_latent and feeder.null is None:
-            # What a dropped caption becomes (classifier-free guidance); the
-            # precompute that made the shard has put it in the store.
-            from evolve.student.encoders import FeatureStore
-
-            emb, mask = FeatureStore(config["features"]).get_text("")
-            feeder.null = torch.from_numpy(emb).float(), torch.from_numpy(mask)
-        feeder.use(part)
-
-    def progress() -> dict:
-        """Where training stands, for the feed (the loop's view of the trainer)."""
-        return {"step": step, "total_steps": total, "train_s": time.perf_counter() - t_start,
-                "data_wait_s": data["wait_s"], "loss": state.get("loss"), "images_per_s": state.get("images_per_s")}
-
-    def poll_feed(held: bool = False) -> dict:
-        """Swap in a newly published dataset version; the feed's answer."""
-        t = time.perf_counter()
-        ans = ray.get(feed.poll.remote(rank, step, data["version"], progress() if rank == 0 else None, held))
-        if ans["shard"] is not None:
-            use_shard(ans["shard"])
-            data["version"] = ans["version"]
-        data["wait_s"] += time.perf_counter() - t
-        return ans
-
-    def write_snapshot(metrics: dict, full: dict | None) -> None:
-        """EMA weights for the loop to sample: written whole, then renamed."""
-        final = snapshot_dir / f"step_{step:07d}"
-        with atomic_dir(final) as tmp:
-            save_weights(tmp, student, ema, full)
-        for old in sorted(snapshot_dir.glob("step_*"))[:-tcfg.keep_snapshots]:
-            shutil.rmtree(old, ignore_errors=True)
-        ray.get(feed.snapshot.remote(step, str(final), {**metrics, "version": data["version"]}))
-
-    if feed is None:
-        use_shard(ray.train.get_dataset_shard("train"))
-    else:
-        snapshot_dir.mkdir(parents=True, exist_ok=True)
-
-    def report(metrics: dict, with_checkpoint: bool, full: dict | None = None) -> None:
-        state_now = {"step": step, "total_steps": total, "ema_updates": ema.num_updates,
-                     "run_start_total": start_total, "loss": metrics.get("loss"),
-                     "images_per_s": metrics.get("images_per_s"), "train_s": time.perf_counter() - t_start,
-                     "feed_wait_s": data["wait_s"], "batch_s": feeder.seconds}
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        full = full or gathered()  # every rank reports a checkpoint, so every rank gathers
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_checkpoint(tmp, student, ema, opt, state_now, full)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
-
-    model.train()
-    t_start = time.perf_counter()
-    checkpointed = False
-    losses, seen, t_last = [], 0, time.perf_counter()
-    while steps is None or step < steps:
-        if feed is not None and (data["version"] is None or step % tcfg.poll_every == 0):
-            ans = poll_feed()
-            if ans["snapshot"] and step > 0:  # the loop waits for weights after this many steps
-                metrics = progress()
-                full = gathered()
-                if rank == 0:
-                    write_snapshot(metrics, full)
-                report(metrics, True, full)  # every rank reports; the snapshot is a resume point too
-                checkpointed = True
-            if ans.get("hold") and not ans["stop"]:  # lockstep: this version has had its steps
-                ans = poll_feed(held=True)
-            if ans["stop"]:
-                break
-        x, cond, mask = feeder.next()
-        loss = train_step(x, cond, mask, lr_at(total))
-        step += 1
-        total += 1
-        losses.append(loss)  # read at report time: no device sync per step
-        seen += len(x) * world
-        last = step == steps
-        if step % tcfg.report_every == 0 or last:
-            now = time.perf_counter()
-            metrics = {"loss": float(torch.stack(losses).float().mean()), "step": step, "total_steps": total,
-                       "images_per_s": seen / max(now - t_last, 1e-9), "lr": lr_at(total - 1),
-                       "epoch": step * local_bs / feeder.n, "data_wait_s": data["wait_s"],
-                       "train_s": now - t_start}
-            state["loss"], state["images_per_s"] = metrics["loss"], metrics["images_per_s"]
-            ckpt = last or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
-            report(metrics, bool(ckpt))
-            checkpointed = bool(ckpt)
-            losses, seen, t_last = [], 0, time.perf_counter()
-    if not checkpointed:  # nothing left to do (a finished run resumed, or steps=0)
-        report({"loss": float(state.get("loss") or float("nan")), "step": step, "total_steps": total}, True)
+        worker.fixed(ray.train.get_dataset_shard("train"), int(config["steps"]))
 
 
 # -- driver side -----------------------------------------------------------------------
 def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, steps: int | None,
                 storage_path: str | Path, name: str, init_checkpoint: str | Path | None = None,
                 out_dir: str | Path | None = None, feed: str | None = None,
-                snapshot_dir: str | Path | None = None, features: str | Path | None = None) -> str:
+                snapshot_dir: str | Path | None = None, features: str | Path | None = None,
+                replay: list[list[dict]] | None = None) -> str:
     """Train with a TorchTrainer and return a plain checkpoint directory that
     `Student.from_pretrained` loads: `out_dir` if given (replaced), else the
     run's own final checkpoint folder under storage_path/name.
@@ -525,7 +583,9 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
 
     A LatentStudent (student_cfg.encoders) trains on rows of precomputed
     features (`latent_dataset`) and needs `features`, the FeatureStore root
-    that holds its null caption."""
+    that holds its null caption. `replay`: per worker, rows {prompt, image}
+    that part of each batch replays (`train_cfg.replay_fraction`; pixel
+    students)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -547,6 +607,7 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
             "feed": feed,
             "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
             "features": str(Path(features).resolve()) if features else None,
+            "replay": replay,
         },
         scaling_config=ScalingConfig(
             num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,

@@ -1,0 +1,410 @@
+"""The loop's parts on a Ray cluster: the one module of `evolve/` (besides the
+CLI) that imports `actors/` and `serve/`.
+
+    with cluster_parts(cfg, folder, init, world) as parts:   # evolve.loop.main calls it
+        ...
+
+- teachers: an embedded teacher host (a Ray actor serving the shapes-world
+  teachers over HTTP) where the config has embedded teachers, and one gateway
+  actor per teacher (`teacher:<name>`);
+- judge: the `judge` Serve application (and, for backend "vllm", the VLM it
+  talks to; for "embedded_vlm", the embedded VLM host actor), reached through
+  its handle; requests a dying replica loses are asked again;
+- trainer: one Ray Train run for the whole job, fed through a TrainerFeed
+  actor (`train.schedule: continuous`), or one fit() per round ("rounds");
+- sample: student images in a Ray task;
+- metrics: `ray.util.metrics` gauges for the dashboard;
+- and, with `serve_edgen`, the student served at /edgen while it trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from evolve.config import EdgenServeConfig, RunConfig
+from evolve.dataset import Record, atomic_dir
+from evolve.images import to_png
+from evolve.parts import Parts
+from evolve.run_folder import RunFolder
+from evolve.world import World
+
+log = logging.getLogger("evolve")
+
+
+@contextlib.contextmanager
+def cluster_parts(cfg: RunConfig, folder: RunFolder, init: str | None, world: World):
+    """Start every part the loop needs (in the cluster `ray.init` joined); stop them on the way out."""
+    from ray import serve
+
+    closing: list = []
+    try:
+        teachers = RayTeachers(cfg, folder)
+        closing.append(teachers)
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
+        judge = RayJudge(cfg, folder)
+        closing.append(judge)
+        trainer = (ContinuousTrainer if cfg.train.schedule == "continuous" else RoundsTrainer)(
+            cfg, folder, init, replay_rows(cfg, world))
+        closing.append(trainer)
+        if cfg.serve_edgen:
+            closing.append(EdgenDuringRun(cfg, folder, init))
+        yield Parts(world=world, teachers=teachers, judge=judge, trainer=trainer,
+                    sample=RaySampler(cfg), metrics=RayMetrics(folder.root.name))
+    finally:
+        for part in reversed(closing):
+            try:
+                part.close()
+            except Exception:  # noqa: BLE001 - best effort on the way out; the first error stands
+                log.exception("stopping %s", type(part).__name__)
+
+
+# --------------------------------------------------------------------------- teachers
+
+
+class RayTeachers:
+    """Teacher gateway actors, and the embedded teachers' HTTP host where the config has any."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder) -> None:
+        import ray
+
+        from actors.teacher_gateway import start_gateway
+        from serve.teachers import EmbeddedTeacherHost
+
+        size = cfg.student.image_size
+        embedded = [t for t in cfg.teachers if t.kind == "embedded"]
+        self.host = None
+        urls: dict[str, str] = {}
+        if embedded:
+            self.host = EmbeddedTeacherHost.options(name=f"teachers-http:{folder.root.name}").remote()
+            urls = ray.get(self.host.start.remote(embedded, size))
+        self.gateways = {t.name: start_gateway(t, urls[t.name] if t.kind == "embedded" else t.base_url,
+                                               folder.images, folder.ledger, size) for t in cfg.teachers}
+
+    def buy(self, items: list[tuple[str, int]]) -> dict[str, list[dict]]:
+        import ray
+
+        refs = {n: g.render_many.remote(items) for n, g in self.gateways.items()}
+        return {n: ray.get(r) for n, r in refs.items()}
+
+    def buy_from(self, teacher: str, items: list[tuple[str, int]]) -> list[dict]:
+        import ray
+
+        return ray.get(self.gateways[teacher].render_many.remote(items)) if items else []
+
+    def stats(self) -> dict[str, dict]:
+        import ray
+
+        return {n: ray.get(g.stats.remote()) for n, g in self.gateways.items()}
+
+    def close(self) -> None:
+        import ray
+
+        for g in self.gateways.values():
+            ray.kill(g)
+        if self.host is not None:
+            ray.get(self.host.stop.remote())
+            ray.kill(self.host)
+
+
+# --------------------------------------------------------------------------- judge
+
+
+class RayJudge:
+    """The judge's Serve application, asked through its handle."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder) -> None:
+        import ray
+
+        from serve.judge import deploy_judge
+
+        jc = cfg.judge
+        self.apps = ["judge"] + ["vlm"] * (jc.backend == "vllm")
+        self.vlm_host = None
+        if jc.backend == "embedded_vlm":
+            # The embedded VLM serves chat completions on 127.0.0.1; the judge
+            # talks to it over HTTP as to any OpenAI-compatible VLM.
+            from serve.embedded_vlm import EmbeddedVLMHost
+
+            self.vlm_host = EmbeddedVLMHost.options(name=f"embedded-vlm:{folder.root.name}").remote()
+            url = ray.get(self.vlm_host.start.remote(jc.templates.model_dump(), jc.embedded_vlm.model_dump()))
+            jc = jc.model_copy(update={"backend": "openai", "base_url": url, "model": "embedded-vlm"})
+        self.handle = deploy_judge(jc, cfg.serve_port)
+
+    def ask(self, method: str, reqs: list, latencies: list[float] | None = None, retries: int = 5) -> list:
+        """The judge's answers to `reqs` (one `method` call each, batched by Serve).
+
+        A replica that dies under a request (killed, node lost) fails it with a
+        RayActorError; Serve starts another, and the failed requests are asked
+        again: judging is free and repeatable. `latencies` receives each
+        answer's seconds (for metrics)."""
+        from ray.exceptions import RayActorError
+
+        out: list = [None] * len(reqs)
+        pending = list(range(len(reqs)))
+        t = time.perf_counter()
+        error = None
+        for attempt in range(retries + 1):
+            responses = {i: getattr(self.handle, method).remote(reqs[i]) for i in pending}
+            failed = []
+            for i, r in responses.items():
+                try:
+                    out[i] = r.result()
+                except RayActorError as e:
+                    failed.append(i)
+                    error = e
+                    continue
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - t)
+            if not failed:
+                return out
+            log.warning("judge replica lost under %d %s requests (%s); asking again", len(failed), method,
+                        type(error).__name__)
+            time.sleep(min(2.0 ** attempt, 10.0))
+            pending = failed
+        raise RuntimeError(f"the judge failed {len(pending)} {method} requests {retries + 1} times") from error
+
+    def discriminate(self, reqs, latencies=None):
+        return self.ask("discriminate", reqs, latencies)
+
+    def expand(self, reqs):
+        return self.ask("expand", reqs)
+
+    def mutate(self, reqs):
+        return self.ask("mutate", reqs)
+
+    def compare(self, reqs):
+        return self.ask("compare", reqs)
+
+    def align(self, reqs):
+        return self.ask("align", reqs)
+
+    def questions(self, reqs):
+        return self.ask("questions", reqs)
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        for name in self.apps:
+            with contextlib.suppress(Exception):  # best effort on shutdown
+                serve.delete(name)
+        if self.vlm_host is not None:
+            ray.get(self.vlm_host.stop.remote())
+            ray.kill(self.vlm_host)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def replay_rows(cfg: RunConfig, world: World) -> list[list[dict]] | None:
+    """Per training worker, the base-curriculum rows its batches replay (prior
+    preservation: skills whose prompts the loop deleted are not forgotten), or
+    None where the world has none or the student does not replay."""
+    tc, sc = cfg.train, cfg.student
+    if tc.replay_fraction <= 0 or sc.is_latent:
+        return None
+    rows = [world.replay_rows(tc.replay_per_prompt, sc.image_size, seed=1000 + rank) for rank in range(tc.num_workers)]
+    if rows[0] is None:
+        log.warning("the %s world has no replay data: train.replay_fraction is not used", world.name)
+        return None
+    return rows
+
+
+class RoundsTrainer:
+    """`train.schedule: rounds`: one fit() of steps_per_round a version, each from
+    the previous version's weights (simpler and exactly repeatable)."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder, init: str | None, replay=None) -> None:
+        self.cfg, self.folder, self.init, self.replay = cfg, folder, init, replay
+        self.records: dict[int, list[Record]] = {}
+
+    def publish(self, version: int, records: list[Record]) -> None:
+        self.records[version] = records
+
+    def weights_after(self, version: int, steps: int, out: Path) -> dict:
+        from evolve.student.data import version_dataset
+        from evolve.student.train import fit_student
+
+        start = str(self.folder.checkpoint(version - 1)) if version > 0 else self.init
+        fit_student(version_dataset(self.cfg, self.folder, self.records[version]), student_cfg=self.cfg.student,
+                    train_cfg=self.cfg.train, steps=steps, storage_path=str(self.folder.train_storage),
+                    name=f"round_{version:03d}", init_checkpoint=start, out_dir=str(out),
+                    features=self.folder.features, replay=self.replay)
+        return {"step": steps}
+
+    def status(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class ContinuousTrainer:
+    """`train.schedule: continuous`: one Ray Train run for the whole job.
+
+    `fit()` blocks, so it runs in a thread of the driver, and meets the loop
+    through a TrainerFeed actor: `publish` hands it a new dataset version (one
+    Ray Data shard per worker), `weights_after` waits for an EMA snapshot
+    trained `steps` steps on a version and copies it into the run folder. The
+    trainer never waits for the loop: it keeps training on the version it has
+    until a newer one arrives (unless `train.lockstep`)."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder, init: str | None, replay=None) -> None:
+        from actors.trainer_feed import TrainerFeed
+
+        self.cfg, self.folder, self.init, self.replay = cfg, folder, init, replay
+        self.name = f"trainer-feed:{folder.root.name}"
+        self.feed = TrainerFeed.options(name=self.name).remote(
+            cfg.train.num_workers, cfg.train.steps_per_round if cfg.train.lockstep else None)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.closed = False
+
+    def _fit(self) -> None:
+        from evolve.student.train import fit_student
+
+        try:
+            fit_student(None, student_cfg=self.cfg.student, train_cfg=self.cfg.train, steps=None,
+                        storage_path=str(self.folder.train_storage), name="continuous",
+                        init_checkpoint=self.init, feed=self.name, snapshot_dir=str(self.folder.snapshots),
+                        features=self.folder.features, replay=self.replay)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
+            self.error = e
+
+    def publish(self, version: int, records: list[Record]) -> None:
+        import ray
+
+        from evolve.student.data import version_dataset
+
+        # split() hands out whole blocks: version_dataset makes at least one per worker.
+        shards = version_dataset(self.cfg, self.folder, records).split(self.cfg.train.num_workers, equal=False)
+        ray.get(self.feed.publish.remote(version, shards))
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._fit, name="continuous-trainer", daemon=True)
+            self.thread.start()
+
+    def weights_after(self, version: int, steps: int, out: Path) -> dict:
+        """Block until the trainer has done `steps` steps on `version`; copy that
+        snapshot to `out` (whole, then renamed). Returns the snapshot's record."""
+        import ray
+
+        ref = self.feed.wait_snapshot.remote(version, steps)
+        while not ray.wait([ref], timeout=2.0)[0]:
+            if self.error is not None or (self.thread is not None and not self.thread.is_alive()):
+                raise RuntimeError(f"the training run stopped: {self.error!r}") from self.error
+        snap = ray.get(ref)
+        with atomic_dir(out) as tmp:
+            shutil.copytree(snap["path"], tmp)
+        return snap
+
+    def status(self) -> dict:
+        import ray
+
+        return ray.get(self.feed.status.remote())
+
+    def close(self, timeout_s: float = 300) -> None:
+        """Ask the workers to checkpoint and return; wait for fit() to end."""
+        import ray
+
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            ray.get(self.feed.finish.remote())
+            if self.thread is not None:
+                self.thread.join(timeout_s)
+        finally:
+            ray.kill(self.feed)
+        if self.error is not None:
+            raise RuntimeError(f"the training run failed: {self.error!r}") from self.error
+
+
+# --------------------------------------------------------------------------- sampling, Edgen, metrics
+
+
+def _sample_pngs(ckpt: str | None, prompts: list[str], seeds: list[int], student_cfg, sample_cfg) -> list[bytes]:
+    import torch
+
+    from evolve.student.diffusion import sample
+    from evolve.student.generate import load_student
+    from evolve.student.model import build_student
+
+    torch.set_num_threads(2)
+    student = load_student(ckpt) if ckpt else build_student(student_cfg).eval()
+    if sample_cfg.num_gpus > 0:
+        student = student.to("cuda")
+    return [to_png(i) for i in sample(student, prompts, seeds, sample_cfg)]
+
+
+class RaySampler:
+    """Student images as PNG bytes, sampled in a Ray task from the EMA weights."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import ray
+
+        self.cfg = cfg
+        # Half a CPU: on 2 CPUs it must fit beside the continuous trainer's workers.
+        self.task = ray.remote(num_cpus=0.5)(_sample_pngs)
+        if cfg.sample.num_gpus:
+            self.task = self.task.options(num_gpus=cfg.sample.num_gpus)
+
+    def __call__(self, checkpoint: str | None, prompts: list[str], seeds: list[int]) -> list[bytes]:
+        import ray
+
+        if not prompts:
+            return []
+        return ray.get(self.task.remote(checkpoint, prompts, seeds, self.cfg.student, self.cfg.sample))
+
+
+class EdgenDuringRun:
+    """Users watch the student improve: Edgen at /edgen serves the run's start
+    checkpoint and follows each new checkpoint of the run, in the run's world."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder, init: str | None) -> None:
+        from ray import serve
+
+        from serve.edgen import build_edgen_app
+
+        ecfg = EdgenServeConfig(checkpoint=init, watch_dir=folder.checkpoints, num_cpus=0.1,
+                                grammar_check=cfg.world.kind == "shapes")
+        serve.run(build_edgen_app(ecfg), name="edgen", route_prefix="/edgen")
+
+    def close(self) -> None:
+        from ray import serve
+
+        with contextlib.suppress(Exception):
+            serve.delete("edgen")
+
+
+class RayMetrics:
+    """The loop's state for the Ray dashboard / Prometheus (`ray.util.metrics`),
+    tagged by run; the teacher gateways and Serve export their own."""
+
+    def __init__(self, run: str) -> None:
+        from ray.util.metrics import Gauge, Histogram
+
+        self.tags = {"run": run}
+        keys = ("run",)
+        names = {"round": "last finished round", "dataset_size": "training records in the round's version",
+                 "student_win_rate": "share of judged prompts where the student matched the best teacher",
+                 "heldout_accuracy": "student's held-out score after the round",
+                 "images_bought": "teacher images paid for", "spend_usd": "money spent on all teachers",
+                 "train_loss": "trainer's recent loss", "train_images_per_s": "trainer throughput",
+                 "trainer_step": "trainer's step"}
+        self.gauges = {k: Gauge(f"evolve_{k}", d, tag_keys=keys) for k, d in names.items()}
+        self.judge_latency = Histogram("evolve_judge_latency_s", "seconds from asking the judge to its verdict",
+                                       boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=keys)
+
+    def set(self, **values: float | None) -> None:
+        for k, v in values.items():
+            if v is not None:
+                self.gauges[k].set(float(v), tags=self.tags)
+
+    def judged(self, seconds: list[float]) -> None:
+        for s in seconds:
+            self.judge_latency.observe(s, tags=self.tags)
