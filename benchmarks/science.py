@@ -62,7 +62,7 @@ def base_config(quick: bool, config: Path | None) -> RunConfig:
     # 240 steps left every arm within the held-out set's noise of the base.
     # Arms that spend their images early keep training on them (stop_when_spent off).
     return RunConfig.model_validate({
-        "rounds": 3, "heldout_per_category": 12, "stop_when_spent": False,
+        "rounds": 3, "world": {"heldout_per_category": 12}, "stop_when_spent": False,
         "train": {"steps_per_round": 150, "lockstep": True},
         "sample": {"steps": 12},
         "evolution": {"max_eval": 32},
@@ -74,20 +74,20 @@ def arm_config(base: RunConfig, arm: str, budget: int, seed: int) -> RunConfig:
     no-mutate, no-select."""
     data = base.model_dump()
     data.update(seed=seed, max_images=budget)
-    evo = data["evolution"]
+    evo, world = data["evolution"], data["world"]
     teachers = len(data["teachers"])
     if arm == "random":
         evo["strategy"] = "random"
-        data["seed_prompts"] = budget            # every image a training image
+        world["seed_prompts"] = budget            # every image a training image
     else:
         # A quarter of the budget seeds the set; the judge spends the rest.
-        data["seed_prompts"] = max(4, budget // (4 * teachers))
+        world["seed_prompts"] = max(4, budget // (4 * teachers))
     if arm.startswith("only-"):
         name = arm.removeprefix("only-")
         data["teachers"] = [t for t in data["teachers"] if t["name"] == name]
         if not data["teachers"]:
             raise ValueError(f"arm {arm}: no teacher named {name!r}")
-        data["seed_prompts"] = max(4, budget // 4)
+        world["seed_prompts"] = max(4, budget // 4)
     elif arm == "no-delete":
         evo["delete"] = False
     elif arm == "no-expand":
@@ -106,8 +106,9 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
     """One arm, or its stored result. A finished arm's student checkpoints
     (~330 MB an arm) are deleted unless `keep_checkpoints`; its report, rounds,
     verdicts, datasets and images stay."""
-    from evolve.driver import EvolveRun
-    from evolve.ledger import Ledger
+    from evolve.cluster import cluster_parts
+    from evolve.loop import main
+    from evolve.run_folder import RunFolder
 
     name = f"{arm}-b{budget}-s{seed}"
     path = out / "arms" / f"{name}.json"
@@ -121,12 +122,10 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
     cfg = arm_config(base, arm, budget, seed).model_copy(
         update={"run_dir": out / "runs" / name, "serve_port": port})
     t0 = time.time()
-    run = EvolveRun(cfg, progress=lambda msg: print(f"[{name}] {msg}", flush=True))
-    report = run.run()
+    report = main(cfg, cluster_parts, progress=lambda msg: print(f"[{name}] {msg}", flush=True))
     student = report["student"]
-    # Training images: every ledger entry but the teachers' held-out images, bought
-    # at the end only to score the teachers.
-    training = len(Ledger(run.folder.ledger)) - len(run.heldout) * len(cfg.teachers)
+    # Training images: the held-out images bought to score the teachers do not count.
+    training = report["rounds"][-1]["images_bought"] if report["rounds"] else 0
     final = student.get("final") or {}
     result = {"arm": arm, "budget": budget, "seed": seed,
               "heldout": final.get("overall", student["heldout_by_round"][-1]),
@@ -138,7 +137,8 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     if not keep_checkpoints:
-        for d in (run.folder.checkpoints, run.folder.train_storage):
+        folder = RunFolder(cfg.run_dir)
+        for d in (folder.checkpoints, folder.train_storage):
             shutil.rmtree(d, ignore_errors=True)
     return result
 

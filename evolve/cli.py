@@ -1,16 +1,18 @@
 """`evolve`: the command line.
 
     evolve run                      the main job (shapes world by default)
-    evolve eval --checkpoint DIR    score a student on the held-out set
-    evolve eval --images DIR --prompts FILE.jsonl
-    evolve generate --checkpoint DIR --prompts FILE.jsonl --out DIR
+    evolve eval --checkpoint DIR [--config FILE]   score a student on the held-out set
+    evolve eval --images DIR --prompts FILE
+    evolve generate --checkpoint DIR --prompts FILE --out DIR
     evolve heldout --out FILE.jsonl the held-out prompt set
     evolve teachers serve           embedded teachers on 127.0.0.1
+    evolve vlm serve                the embedded VLM on 127.0.0.1
     evolve judge-eval [--base-url URL --model M]   how far to trust a judge
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -22,6 +24,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="EvolveDirector on Ray.")
 teachers_app = typer.Typer(no_args_is_help=True, help="Embedded teacher servers.")
 app.add_typer(teachers_app, name="teachers")
+vlm_app = typer.Typer(no_args_is_help=True, help="The embedded VLM.")
+app.add_typer(vlm_app, name="vlm")
 
 
 def _fail(msg: str) -> None:
@@ -65,7 +69,8 @@ def run(
     the same folder (or --resume it) to continue where it stopped."""
     import signal
 
-    from evolve.driver import EvolveRun
+    from evolve.cluster import cluster_parts
+    from evolve.loop import prepare, run as run_loop
     from evolve.ray_env import connect
 
     if resume is not None:
@@ -78,87 +83,142 @@ def run(
                        serve_port=serve_port, from_scratch=from_scratch or None,
                        serve_edgen=serve_edgen or None, max_wall_s=max_wall_s, target_heldout=target_heldout)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:  # everything wrong with the input is found here, before anything is bought
+        ready = prepare(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
 
     def _interrupt(signum, frame):  # `ray job stop` sends SIGTERM: stop like Ctrl-C, with a report
         raise KeyboardInterrupt
 
     connect()
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own (a bare exit)
-    typer.echo(f"run folder: {Path(cfg.run_dir).resolve()}")
-    report = EvolveRun(cfg).run()
+    typer.echo(f"run folder: {ready.folder.root}")
+    with cluster_parts(ready.cfg, ready.folder, ready.init, ready.world) as parts:
+        report = run_loop(ready.cfg, parts, ready.folder, ready.init, ready.heldout, typer.echo)
     typer.echo(json.dumps({"final_heldout": report["student"]["final"]["overall"],
                            "wall_s": report["wall_s"], "stopped": report.get("stopped")}))
     if report.get("stopped") == "interrupted":
         raise typer.Exit(130)
 
 
+def _world(config: Optional[Path]):
+    """The world of a run config (the shapes world without one)."""
+    from evolve.worlds import make_world
+
+    return make_world(_load_config(config).world)
+
+
+def _read_prompts(path: Path):
+    """(id, prompt) pairs of a prompt file in any of the formats the prompts world reads."""
+    from evolve.config import PromptSource
+    from evolve.prompts import load_prompts
+
+    try:
+        return [(p.id, p.text) for p in load_prompts(PromptSource(path=path), max_chars=100_000)]
+    except ValueError as e:
+        _fail(str(e))
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint folder"),
     images: Optional[Path] = typer.Option(None, help="folder of <id>.png"),
-    prompts: Optional[Path] = typer.Option(None, help="JSON lines with id and prompt (default: held-out set)"),
+    prompts: Optional[Path] = typer.Option(None, help="prompt file with ids (JSONL, CSV, TSV, TXT or Parquet; "
+                                           "default: the world's held-out set)"),
+    config: Optional[Path] = typer.Option(None, help="RunConfig: its world, judge and evaluation (default: shapes)"),
     out: Optional[Path] = typer.Option(None, help="write the score report here as JSON"),
     guidance: Optional[float] = typer.Option(None),
     steps: Optional[int] = typer.Option(None),
 ):
-    """Score a checkpoint or a folder of images, overall and per category."""
+    """Score a checkpoint or a folder of images on held-out prompts, overall and per
+    category: by the world's exact scorer (shapes), else by the config's VLM judge
+    (alignment: VQAScore or decomposed questions)."""
     import tempfile
 
-    from evolve.shapes.scorer import heldout_set, score_folder, write_prompts_jsonl
+    from evolve.evaluation import Evaluator
+    from evolve.parts import Parts
+    from evolve.run_folder import RunFolder
+    from evolve.world import HeldoutPrompt
 
     if (checkpoint is None) == (images is None):
         _fail("give exactly one of --checkpoint or --images")
-    with tempfile.TemporaryDirectory() as tmp:
-        if prompts is None:
-            prompts = Path(tmp) / "heldout.jsonl"
-            write_prompts_jsonl(heldout_set(), prompts)
-        if checkpoint is not None:
-            images = Path(tmp) / "images"
-            _generate(checkpoint, prompts, images, guidance, steps)
-        rep = score_folder(images, prompts)
-    d = rep.to_dict()
-    typer.echo(f"overall {d['overall']:.1%}  (n={d['n']})")
+    if checkpoint is not None and not (checkpoint / "config.json").exists():
+        _fail(f"{checkpoint} is not a student checkpoint (no config.json)")
+    cfg = _load_config(config)
+    world = _world(config)
+    if prompts is None:
+        items = world.heldout()
+    else:
+        items = [HeldoutPrompt(i, t, world.category(t), _seed("generate", i)) for i, t in _read_prompts(prompts)]
+    with tempfile.TemporaryDirectory() as tmp, _judge(cfg) as judge:
+        pngs = _draw(checkpoint, items, guidance, steps) if checkpoint else _load_pngs(images, items)
+        parts = Parts(world=world, teachers=None, judge=judge, trainer=None, sample=None)
+        ev = Evaluator(cfg.evaluation.model_copy(update={"win_rate": False}), parts, RunFolder(tmp), items,
+                       say=typer.echo)
+        d, _ = ev.score(items, pngs)
+    typer.echo(f"overall {d['overall']:.1%}  (n={d['n']}, {d['metric']})" if d["metric"] == "scene" else
+               f"alignment {d['overall']:.3f}  (n={d['n']}, {d['alignment']['method']})")
     for c, a in d["per_category"].items():
-        typer.echo(f"  {c:14s} {a:.1%}")
+        typer.echo(f"  {c:14s} {a:.1%}" if d["metric"] == "scene" else f"  {c:14s} {a:.3f}")
     if out:
         out.write_text(json.dumps(d, indent=2))
 
 
-def _generate(checkpoint: Path, prompts: Path, out: Path, guidance, steps,
-              size: tuple[int, int] | None = None) -> int:
+def _seed(*parts) -> int:
+    from evolve.seeds import stable_seed
+
+    return stable_seed(*parts)
+
+
+@contextlib.contextmanager
+def _judge(cfg):
+    """The config's judge, in this process (the embedded VLM on a thread of its own)."""
+    from evolve.parts import InProcessJudge
+    from serve.judge_backends import make_backend
+
+    jc = cfg.judge
+    if jc.grammar_check is None:
+        jc = jc.model_copy(update={"grammar_check": cfg.world.kind == "shapes"})
+    if jc.backend == "embedded_vlm":
+        from serve.embedded_vlm import EmbeddedVLMThread
+
+        with EmbeddedVLMThread(jc.templates, jc.embedded_vlm) as url:
+            yield InProcessJudge(make_backend(jc.model_copy(update={
+                "backend": "openai", "base_url": url, "model": "embedded-vlm"})))
+        return
+    if jc.backend == "vllm":
+        _fail("judge backend 'vllm' runs in the cluster; point --config at its endpoint with backend openai")
+    yield InProcessJudge(make_backend(jc))
+
+
+def _draw(checkpoint: Path, items, guidance, steps, size: tuple[int, int] | None = None) -> list[bytes]:
     import torch
 
     from evolve.config import SampleConfig
-    from evolve.shapes.render import to_png
-    from evolve.shapes.scorer import read_prompts_jsonl
+    from evolve.images import to_png
     from evolve.student.generate import generate_images
 
-    if not (checkpoint / "config.json").exists():
-        _fail(f"{checkpoint} is not a student checkpoint (no config.json)")
-    try:
-        rows = read_prompts_jsonl(prompts)
-    except (ValueError, KeyError) as e:
-        _fail(f"{prompts}: {e}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sc = SampleConfig(**{k: v for k, v in {"guidance": guidance, "steps": steps}.items() if v is not None})
-    ids = [r[0] for r in rows]
-    texts = [r[1].text for r in rows]
-    from evolve.driver import stable_seed
-
     try:
-        imgs = generate_images(str(checkpoint), texts, [stable_seed("generate", i) for i in ids], sc, size=size)
+        imgs = generate_images(str(checkpoint), [h.prompt for h in items], [h.seed for h in items], sc, size=size)
     except ValueError as e:  # a size the student cannot draw
         _fail(str(e))
-    out.mkdir(parents=True, exist_ok=True)
-    for i, img in zip(ids, imgs):
-        (out / f"{i}.png").write_bytes(to_png(img))
-    return len(ids)
+    return [to_png(i) for i in imgs]
+
+
+def _load_pngs(folder: Path, items) -> list[bytes]:
+    missing = [h.id for h in items if not (folder / f"{h.id}.png").is_file()]
+    if missing:
+        _fail(f"{folder}: no image for {len(missing)} prompt ids, e.g. {missing[:5]}")
+    return [(folder / f"{h.id}.png").read_bytes() for h in items]
 
 
 @app.command()
 def generate(
     checkpoint: Path = typer.Option(..., help="student checkpoint folder (EMA weights are used)"),
-    prompts: Path = typer.Option(..., help="JSON lines with id and prompt"),
+    prompts: Path = typer.Option(..., help="prompt file with ids (JSONL, CSV, TSV, TXT or Parquet)"),
     out: Path = typer.Option(..., help="writes OUT/<id>.png"),
     guidance: Optional[float] = typer.Option(None),
     steps: Optional[int] = typer.Option(None),
@@ -166,21 +226,31 @@ def generate(
                                          "square (PixArt students; e.g. an aspect bucket, 768 x 1344)"),
     width: Optional[int] = typer.Option(None, min=1),
 ):
-    """Draw the student's images for a prompt file."""
+    """Draw the student's images for a prompt file (image seed: a hash of the prompt's id)."""
+    from evolve.world import HeldoutPrompt
+
     if (height is None) != (width is None):
         _fail("--height and --width go together")
-    n = _generate(checkpoint, prompts, out, guidance, steps, None if height is None else (height, width))
-    typer.echo(f"wrote {n} images to {out}")
+    if not (checkpoint / "config.json").exists():
+        _fail(f"{checkpoint} is not a student checkpoint (no config.json)")
+    items = [HeldoutPrompt(i, t, None, _seed("generate", i)) for i, t in _read_prompts(prompts)]
+    pngs = _draw(checkpoint, items, guidance, steps, None if height is None else (height, width))
+    out.mkdir(parents=True, exist_ok=True)
+    for h, png in zip(items, pngs):
+        (out / f"{h.id}.png").write_bytes(png)
+    typer.echo(f"wrote {len(items)} images to {out}")
 
 
 @app.command()
 def heldout(out: Path = typer.Option(..., help="JSON lines file to write"),
-            per_category: int = typer.Option(16, min=1)):
-    """Write the held-out evaluation set (per_category images per category, fixed seed)."""
-    from evolve.shapes.scorer import heldout_set, write_prompts_jsonl
-
-    ids = write_prompts_jsonl(heldout_set(per_category), out)
-    typer.echo(f"wrote {len(ids)} prompts to {out}")
+            config: Optional[Path] = typer.Option(None, help="RunConfig whose world to use (default: shapes)")):
+    """Write the world's held-out set: one JSON line per image (id, prompt, category, seed)."""
+    try:
+        items = _world(config).heldout()
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    out.write_text("".join(json.dumps(h.__dict__) + "\n" for h in items))
+    typer.echo(f"wrote {len(items)} prompts to {out}")
 
 
 @app.command("pretrain-base")
@@ -194,14 +264,15 @@ def pretrain_base_cmd(
     lr: float = typer.Option(1e-3, help="pretraining rate (the loop fine-tunes at the config's lower rate)"),
     checkpoint_every: int = typer.Option(200, min=1),
 ):
-    """Train the shapes-world base student (Ray Train), resumable."""
+    """Train a base student on the world's base curriculum (Ray Train), resumable."""
     from evolve.pretrain import export_base, pretrain_base, sample_check
     from evolve.ray_env import connect
 
     cfg = _load_config(config)
+    world = _world(config)
     train = cfg.train.model_copy(update={"checkpoint_every": checkpoint_every, "lr": lr})
     connect()
-    final = pretrain_base(work_dir, student_cfg=cfg.student, train_cfg=train, steps=steps,
+    final = pretrain_base(work_dir, world, student_cfg=cfg.student, train_cfg=train, steps=steps,
                           per_prompt=per_prompt, seed=cfg.seed)
     typer.echo(f"base checkpoint: {final}")
     target = Path(final)
@@ -209,7 +280,7 @@ def pretrain_base_cmd(
         digest = export_base(Path(final), export)
         typer.echo(f"exported to {export} (model.safetensors sha256 {digest})")
         target = export
-    acc = sample_check(target)
+    acc = sample_check(target, world)
     (Path(work_dir) / "heldout.json").write_text(json.dumps(acc, indent=2))
     typer.echo(f"held-out overall {acc['overall']:.1%}: " +
                ", ".join(f"{c} {a:.0%}" for c, a in acc["per_category"].items()))
@@ -295,21 +366,27 @@ def judge_eval_cmd(
     from pydantic import ValidationError
 
     from evolve.config import JudgeConfig
-    from evolve.judge_eval import judge_eval, make_pairs
+    from evolve.judge_eval import judge_eval
     from serve.judge_backends import make_backend
 
     jc = _load_config(config).judge if config else JudgeConfig()
+    pair_list = _world(config).judge_pairs(pairs, size, seed)
+    if pair_list is None:
+        _fail("judge-eval needs image pairs whose right answer is known, and this world makes none "
+              "(the shapes world does: leave out --config, or give a shapes-world config)")
     over = {"base_url": base_url, "model": model, "api_key_env": api_key_env, "order": order,
             "structured": structured}
     data = jc.model_dump()
     data.update({k: v for k, v in over.items() if v is not None})
     if base_url:
         data["backend"] = "openai"
+    if data["grammar_check"] is None:
+        data["grammar_check"] = True  # the pairs are shapes-world prompts
     try:
         backend = make_backend(JudgeConfig.model_validate(data))
     except (ValidationError, ValueError) as e:
         _fail(f"bad judge configuration: {e}")
-    report = judge_eval(backend, make_pairs(pairs, size, seed), concurrency=concurrency,
+    report = judge_eval(backend, pair_list, concurrency=concurrency,
                         throughput_requests=throughput_requests)
     report = {"backend": data["backend"], "model": data.get("model"), "order": data["order"], **report}
     text = json.dumps(report, indent=2)
@@ -333,6 +410,19 @@ def teachers_serve(
         _fail("the configuration has no embedded teachers")
     serve_forever(embedded, size or cfg.student.image_size, port_base=port_base,
                   api_keys=api_keys_from_env(embedded))
+
+
+@vlm_app.command("serve")
+def vlm_serve(
+    config: Optional[Path] = typer.Option(None, help="RunConfig whose judge templates and embedded_vlm to use"),
+    port: int = typer.Option(8100, help="HTTP port on 127.0.0.1 (0: any free port)"),
+):
+    """Serve the embedded VLM (OpenAI chat completions; its eyes are the shapes
+    world's scene parser) on 127.0.0.1 until Ctrl-C."""
+    from serve.embedded_vlm import serve_forever
+
+    jc = _load_config(config).judge
+    serve_forever(jc.templates, jc.embedded_vlm, port=port)
 
 
 def main() -> None:  # pragma: no cover

@@ -684,10 +684,14 @@ class RunConfig(_Strict):
 
     @classmethod
     def load(cls, path: Path | str) -> "RunConfig":
-        """As `_Strict.load`; prompt files named in `world` are found relative to
-        the config file (an absolute path is kept as it is)."""
+        """As `_Strict.load`; the files a run reads (prompt files named in `world`,
+        `init_checkpoint`) are found relative to the config file (an absolute
+        path is kept as it is). `run_dir`, where it writes, is as given."""
         path = Path(path)
         data = _read_config(path)
+        here = path.resolve().parent
+        if data.get("init_checkpoint") and not Path(data["init_checkpoint"]).is_absolute():
+            data["init_checkpoint"] = str((here / data["init_checkpoint"]).resolve())
         world = data.get("world")
         if isinstance(world, dict):
             for key in ("seed", "heldout"):
@@ -695,7 +699,7 @@ class RunConfig(_Strict):
                 if isinstance(src, (str, Path)):
                     src = {"path": src}
                 if isinstance(src, dict) and "path" in src and not Path(src["path"]).is_absolute():
-                    world[key] = {**src, "path": str((path.resolve().parent / src["path"]).resolve())}
+                    world[key] = {**src, "path": str((here / src["path"]).resolve())}
         return cls.model_validate(data)
 
     @model_validator(mode="after")

@@ -167,7 +167,7 @@ class Evaluator:
                 report.update(overall=float(np.mean(rates)) if rates else 0.0, per_category={}, n=len(pngs))
         if self.cfg.reference is not None:
             from evolve.config import ShapesWorldConfig
-            from evolve.world import make_world
+            from evolve.worlds import make_world
 
             report["reference"] = make_world(ShapesWorldConfig()).score(prompts, pngs)
         return report, per_image

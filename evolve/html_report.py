@@ -110,8 +110,35 @@ def _header(rep, rounds, baseline, final, trainer, teachers) -> str:
     rows = [("student (start)", start)] + [(after, fin)] * (fin is not None and fin is not start)
     rows += [(f"teacher {t}", s) for t, s in teachers.items()]
     note = "" if rep else "<span class='muted'>no report.json yet: numbers from the rounds so far</span>"
+    vlm = (start or {}).get("metric") == "vlm"
+    what = "alignment (VLM: mean P(yes), categories averaged)" if vlm else "accuracy"
     return ("<p class='facts'>" + "".join(f"<span>{escape(f)}</span>" for f in facts) + note
-            + "</p>\n<h3>Held-out accuracy</h3>\n" + _acc_table(rows))
+            + f"</p>\n<h3>Held-out {what}</h3>\n" + _acc_table(rows)
+            + (_win_table(start, rounds, final) if vlm else ""))
+
+
+def _win_table(start: dict | None, rounds: list[dict], final: dict | None) -> str:
+    """The student's held-out win rate against each teacher, by round (VLM scores)."""
+    cols = [("start", start)] + [(f"round {r['round']}", r.get("heldout")) for r in rounds]
+    if final is not None:
+        cols.append(("final", final.get("heldout")))
+    teachers = sorted({t for _, s in cols for t in (s or {}).get("win_rate") or {}})
+    if not teachers:
+        return ""
+
+    def cell(w):
+        if not w or w.get("rate") is None:
+            return "–"
+        lo, hi = w["ci95"]
+        return f"{w['rate']:.0%} <span class='muted'>[{lo:.0%}, {hi:.0%}], {w['no_verdict']} nv</span>"
+
+    head = "<tr><th>vs teacher</th>" + "".join(f"<th>{escape(c)}</th>" for c, _ in cols) + "</tr>"
+    body = "".join(f"<tr><td>{escape(t)}</td>" + "".join(
+        f"<td class='n'>{cell(((s or {}).get('win_rate') or {}).get(t))}</td>" for _, s in cols) + "</tr>"
+        for t in teachers)
+    return ("<h3>The student's win rate against each teacher</h3><p class='muted'>held-out pairs asked in both "
+            "orders; wins / (wins + losses), 95% Wilson interval; nv: no verdict (the orders disagreed)</p>"
+            f"<table>{head}{body}</table>")
 
 
 def _acc_table(rows: list[tuple[str, dict | None]]) -> str:
@@ -147,11 +174,18 @@ def _plots(rounds, baseline, final, teachers) -> bytes | None:
         px = px + [fx]
     for i, (t, s) in enumerate(teachers.items()):
         ax.axhline(s["overall"], ls="--", lw=1, color=f"C{i + 1}", label=f"teacher {t}")
-    ax.set(title="held-out accuracy", xlabel="round", ylim=(0, 1))
+    ax.set(title="held-out alignment (VLM)" if (baseline or {}).get("metric") == "vlm" else "held-out accuracy",
+           xlabel="round", ylim=(0, 1))
     ax.legend(fontsize=7)
     ax = axes[0][1]
-    ax.bar(xs, [r.get("student_win_rate") or 0 for r in rounds], color="C2")
+    ax.bar(xs, [r.get("student_win_rate") or 0 for r in rounds], color="C2", alpha=.5, label="judged training prompts")
+    teachers_vs = sorted({t for r in rounds for t in (r["heldout"].get("win_rate") or {})})
+    for i, t in enumerate(teachers_vs):  # VLM scores: the held-out win rate against each teacher
+        ys = [((r["heldout"].get("win_rate") or {}).get(t) or {}).get("rate") for r in rounds]
+        ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", color=f"C{i + 3}",
+                label=f"held-out vs {t}")
     ax.set(title="student win rate (judge)", xlabel="round", ylim=(0, 1))
+    ax.legend(fontsize=7)
     ax = axes[1][0]
     ax.plot(xs, [r.get("dataset_size", 0) for r in rounds], marker="o", label="dataset size")
     ax.bar(xs, [sum((r.get("added") or {}).values()) for r in rounds], alpha=.4, color="C2", label="added")

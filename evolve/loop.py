@@ -36,7 +36,8 @@ from evolve.evaluation import Evaluator
 from evolve.parts import Parts
 from evolve.run_folder import RunFolder
 from evolve.seeds import stable_seed
-from evolve.world import HeldoutPrompt, World, make_world
+from evolve.world import HeldoutPrompt, World
+from evolve.worlds import make_world
 
 log = logging.getLogger("evolve")
 

@@ -18,19 +18,14 @@ domain comes from its `World`:
 - `judge_pairs(n, size, seed)`: image pairs whose right answer is known
   (`evolve judge-eval`), where the world can make them.
 
-`make_world(cfg)` is the one place that picks a world by name: nothing else in
-`evolve/` imports a world's package.
+`evolve.worlds.make_world(cfg)` is the one place that picks a world by name:
+nothing else in `evolve/` imports a world's package.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from evolve.config import WorldConfig
 
 UNKNOWN = "unknown"  # how reports name the group of prompts without a category
 
@@ -95,25 +90,3 @@ class World:
 
     def judge_pairs(self, n: int, size: int, seed: int) -> list | None:
         return None
-
-
-def make_world(cfg: "WorldConfig") -> World:
-    """The world `cfg.kind` names (its package is imported here, and only here)."""
-    if cfg.kind == "shapes":
-        from evolve.shapes.world import ShapesWorld
-
-        return ShapesWorld(cfg)
-    if cfg.kind == "prompts":
-        from evolve.prompts.world import PromptsWorld
-
-        return PromptsWorld(cfg)
-    raise ValueError(f"unknown world kind {cfg.kind!r}; expected 'shapes' or 'prompts'")
-
-
-def shapes_canonical(text: str) -> str:
-    """The shapes grammar's form of `text` (ValueError outside it): for the
-    judge's and Edgen's `grammar_check`, which screen with the shapes world
-    whatever world the caller is in."""
-    from evolve.config import ShapesWorldConfig
-
-    return make_world(ShapesWorldConfig()).canonical(text)

@@ -39,7 +39,7 @@ def main() -> int:
     from ray import serve
 
     from evolve.config import JudgeConfig
-    from evolve.judge_eval import make_pairs
+    from evolve.shapes.judge_pairs import make_pairs
     from evolve.judging import DiscriminateRequest, ExpandRequest, TeacherImage
     from evolve.ray_env import free_port
     from serve.judge import deploy_judge

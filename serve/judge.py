@@ -4,12 +4,20 @@
     verdict = await handle.discriminate.remote(DiscriminateRequest(...))
     variants = await handle.expand.remote(ExpandRequest(...))
     new = await handle.mutate.remote(MutateRequest(...))
+    # evaluation of held-out images
+    comparison = await handle.compare.remote(CompareRequest(prompt=..., first=png, second=png))
+    alignment = await handle.align.remote(AlignRequest(prompt=..., image=png))
+    questions = await handle.questions.remote(QuestionsRequest(prompt=..., n=8))
 
 `discriminate` calls from many callers are gathered into batches
 (`JudgeConfig.max_batch_size`, `batch_wait_s`) and handed to the backend as
-one list, so a VLM backend can run them as one forward pass. Over HTTP, POST
-JSON `{"op": "discriminate" | "expand" | "mutate", ...fields}` to the route;
-image fields are base64 strings. The logic lives in `serve/judge_backends.py`.
+one list, so a VLM backend can run them as one forward pass. `compare` and
+`align` are batched the same way and a batch's requests run concurrently (a
+VLM batches what arrives together); a bad request fails alone. Over HTTP, POST
+JSON `{"op": "discriminate" | "expand" | "mutate" | "compare" | "align" |
+"questions", ...fields}` to the route; image fields (student_image,
+teacher_images[].image, first, second, image) are base64 strings. The logic
+lives in `serve/judge_backends.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import asyncio
 import base64
 import binascii
 import json
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -27,12 +36,18 @@ from starlette.responses import JSONResponse
 
 from evolve.config import JudgeConfig
 from evolve.judging import (
+    AlignRequest,
+    AlignResult,
+    CompareRequest,
+    Comparison,
     DiscriminateRequest,
     DiscriminateVerdict,
     ExpandRequest,
     ExpandResult,
     MutateRequest,
     MutateResult,
+    QuestionsRequest,
+    QuestionsResult,
 )
 from serve.judge_backends import make_backend
 
@@ -45,8 +60,13 @@ class Judge:
     def __init__(self, cfg: JudgeConfig) -> None:
         self.cfg = cfg
         self.backend = make_backend(cfg)
-        self._discriminate_batch.set_max_batch_size(cfg.max_batch_size)
-        self._discriminate_batch.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        for batch in (self._discriminate_batch, self._compare_batch, self._align_batch):
+            batch.set_max_batch_size(cfg.max_batch_size)
+            batch.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        # Its own threads: an align fans its questions out on the backend's pool,
+        # which must not be the pool waiting for it.
+        self._pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="judge-eval")
+        self._eval_requests = {"compare": 0, "align": 0, "questions": 0}
         self._batches = 0
         self._requests = 0
         self._max_batch_seen = 0
@@ -85,13 +105,44 @@ class Judge:
     async def mutate(self, req: MutateRequest) -> MutateResult:
         return await asyncio.to_thread(self.backend.mutate, req)
 
+    # -- evaluation ------------------------------------------------------------------
+    async def compare(self, req: CompareRequest) -> Comparison:
+        """One pairwise question in the order given (winner "first", "second" or None)."""
+        return _raise_or(await self._compare_batch(req))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)  # reset from cfg in __init__
+    async def _compare_batch(self, reqs: list[CompareRequest]) -> list[Comparison | Exception]:
+        self._eval_requests["compare"] += len(reqs)
+        return await self._each(lambda r: self.backend.compare(r.prompt, r.first, r.second), reqs)
+
+    async def align(self, req: AlignRequest) -> AlignResult:
+        """How well one image shows its prompt (VQAScore, decomposed questions, or the scene check)."""
+        return _raise_or(await self._align_batch(req))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)  # reset from cfg in __init__
+    async def _align_batch(self, reqs: list[AlignRequest]) -> list[AlignResult | Exception]:
+        self._eval_requests["align"] += len(reqs)
+        return await self._each(self.backend.align, reqs)
+
+    async def questions(self, req: QuestionsRequest) -> QuestionsResult:
+        """Yes/no questions for a prompt (once per prompt: not worth batching)."""
+        self._eval_requests["questions"] += 1
+        return await asyncio.to_thread(self.backend.questions, req)
+
+    async def _each(self, fn: Callable[[Any], Any], reqs: list[Any]) -> list[Any]:
+        """fn on every request concurrently; a request's exception is its result."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self._pool, fn, r) for r in reqs]
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
     async def stats(self) -> dict[str, float]:
         """Batching so far (discriminate batches run, requests in them, largest
-        batch) and, for a VLM backend, its counters (questions, re-asks, API
-        errors, no-verdicts, seconds spent waiting on the VLM)."""
+        batch; evaluation requests by op) and, for a VLM backend, its counters
+        (questions, re-asks, API errors, no-verdicts, seconds spent waiting on the VLM)."""
         out: dict[str, float] = {"batches": self._batches, "requests": self._requests,
                                  "max_batch_seen": self._max_batch_seen,
-                                 "max_batch_size": self.cfg.max_batch_size}
+                                 "max_batch_size": self.cfg.max_batch_size,
+                                 **{f"{op}_requests": n for op, n in self._eval_requests.items()}}
         backend_stats = getattr(self.backend, "stats", None)
         if callable(backend_stats):
             out.update(backend_stats())
@@ -114,11 +165,26 @@ class Judge:
                 result = await self.expand(ExpandRequest.model_validate(body))
             elif op == "mutate":
                 result = await self.mutate(MutateRequest.model_validate(body))
+            elif op == "compare":
+                result = await self.compare(CompareRequest.model_validate(_unbase64(body)))
+            elif op == "align":
+                result = await self.align(AlignRequest.model_validate(_unbase64(body)))
+            elif op == "questions":
+                result = await self.questions(QuestionsRequest.model_validate(body))
             else:
-                return _error(400, f"unknown op {op!r}; expected 'discriminate', 'expand' or 'mutate'")
+                return _error(400, f"unknown op {op!r}; expected one of {', '.join(OPS)}")
         except (ValidationError, ValueError) as e:  # ValidationError is a ValueError; kept explicit
             return _error(400, str(e))
         return JSONResponse(result.model_dump(mode="json"))
+
+
+OPS = ("discriminate", "expand", "mutate", "compare", "align", "questions")
+
+
+def _raise_or(out: Any) -> Any:
+    if isinstance(out, Exception):  # a bad request fails alone, not its batch
+        raise out
+    return out
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -135,10 +201,11 @@ def _b64(value: Any, field: str) -> Any:
 
 
 def _unbase64(body: dict[str, Any]) -> dict[str, Any]:
-    """Decode the base64 image fields of a JSON discriminate request."""
+    """Decode the base64 image fields of a JSON request (discriminate, compare, align)."""
     out = dict(body)
-    if "student_image" in out:
-        out["student_image"] = _b64(out["student_image"], "student_image")
+    for field in ("student_image", "first", "second", "image"):
+        if field in out:
+            out[field] = _b64(out[field], field)
     if isinstance(out.get("teacher_images"), list):
         out["teacher_images"] = [
             {**t, "image": _b64(t["image"], f"teacher_images[{i}].image")}

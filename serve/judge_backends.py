@@ -1,8 +1,9 @@
 """Judge backends: the logic behind the judge's three duties, free of Ray.
 
 `serve/judge.py` wraps one of these in a Ray Serve deployment. A backend is any
-object with the three methods of `JudgeBackend`; `make_backend` picks one from
-a `JudgeConfig`. The embedded default, `SceneJudgeBackend`, reads images with
+object with the methods of `JudgeBackend` (the loop's three duties, and the
+evaluation's compare / align / questions); `make_backend` picks one from a
+`JudgeConfig`. The embedded default, `SceneJudgeBackend`, reads images with
 the shapes-world scene parser, so its verdicts are exact and cost nothing.
 """
 
@@ -13,6 +14,9 @@ from typing import Protocol, runtime_checkable
 
 from evolve.config import JudgeConfig
 from evolve.judging import (
+    AlignRequest,
+    AlignResult,
+    Answer,
     Comparison,
     DiscriminateRequest,
     DiscriminateVerdict,
@@ -20,8 +24,11 @@ from evolve.judging import (
     ExpandResult,
     MutateRequest,
     MutateResult,
+    QuestionsRequest,
+    QuestionsResult,
 )
 from evolve import shapes
+from evolve.shapes import questions as atomic
 
 
 @runtime_checkable
@@ -42,11 +49,27 @@ class JudgeBackend(Protocol):
         None. What `evolve judge-eval` measures accuracy and position bias with."""
         ...
 
+    def align(self, req: AlignRequest) -> AlignResult:
+        """How well one image shows its prompt (score None = no verdict)."""
+        ...
+
+    def questions(self, req: QuestionsRequest) -> QuestionsResult:
+        """At most n yes/no questions that check an image against the prompt."""
+        ...
+
 
 def parse_prompt(text: str) -> shapes.Prompt:
     """`shapes.parse`, with the grammar's error turned into a ValueError."""
     try:
         return shapes.parse(text)
+    except shapes.PromptError as e:
+        raise ValueError(str(e)) from e
+
+
+def _read(text: str) -> shapes.Prompt:
+    """`shapes.read` (free text as a scene), with its error turned into a plain ValueError."""
+    try:
+        return shapes.read(text)
     except shapes.PromptError as e:
         raise ValueError(str(e)) from e
 
@@ -78,6 +101,15 @@ class SceneJudgeBackend:
         the unseen structures). If those run out (or all six categories are
         avoided), the rest comes from the avoided categories. Deterministic per
         (config seed, request seed, avoid set).
+    align
+        Without questions: `shapes.check(read(prompt), image)`, P(yes) 1 if it
+        holds, else its graded score (method "scene"). With questions: each
+        answered from the pixels by `evolve.shapes.questions.answer` (1 if
+        true, else its credit; None for a form it does not know), the score
+        their mean (method "questions"). Never from logprobs.
+    questions
+        `evolve.shapes.questions.write`: the atomic questions the embedded VLM
+        writes too (one whole-prompt question for text that reads as no scene).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -118,6 +150,26 @@ class SceneJudgeBackend:
         winner = None if ka == kb else ("first" if ka > kb else "second")
         return Comparison(first="first", second="second", winner=winner,
                           answers=[f"first {_failed(a)}; second {_failed(b)}"])
+
+    # -- evaluation ------------------------------------------------------------
+    def align(self, req: AlignRequest) -> AlignResult:
+        img = _decode(req.image, "image")
+        if req.questions is None:
+            res = shapes.check(_read(req.prompt), img)
+            p = 1.0 if res.satisfied else _unit(res.score)
+            return AlignResult(prompt=req.prompt, score=p, method="scene", answers=[
+                Answer(question=req.prompt, raw=[_failed(res)], p_yes=p)])
+        answers = []
+        for q in req.questions:
+            got = atomic.answer(q, img)
+            answers.append(Answer(question=q, raw=["unknown question form" if got is None else str(got[0])],
+                                  p_yes=None if got is None else (1.0 if got[0] else got[1])))
+        ps = [a.p_yes for a in answers if a.p_yes is not None]
+        return AlignResult(prompt=req.prompt, score=sum(ps) / len(ps) if ps else None,
+                           method="questions", answers=answers)
+
+    def questions(self, req: QuestionsRequest) -> QuestionsResult:
+        return QuestionsResult(prompt=req.prompt, questions=atomic.write(req.prompt, req.n))
 
     # -- expand ----------------------------------------------------------------
     def expand(self, req: ExpandRequest) -> ExpandResult:
@@ -174,8 +226,9 @@ def _zip_longest(pools: list[list[str]]) -> list[list[str]]:
 
 
 def make_backend(cfg: JudgeConfig) -> JudgeBackend:
-    """The backend that `cfg.backend` names. Backend "vllm" is deployed first and
-    then reached as "openai" (`serve.judge.deploy_judge` does both)."""
+    """The backend that `cfg.backend` names. Backends "vllm" and "embedded_vlm" are
+    started first and then reached as "openai" (`serve.judge.deploy_judge` does
+    that for "vllm"; the run starts the embedded VLM)."""
     if cfg.backend == "scene":
         return SceneJudgeBackend(seed=cfg.seed)
     if cfg.backend == "openai":
@@ -185,4 +238,9 @@ def make_backend(cfg: JudgeConfig) -> JudgeBackend:
     if cfg.backend == "vllm":
         raise ValueError("judge backend 'vllm' is an in-cluster deployment: start it with "
                          "serve.judge.deploy_judge (evolve run does), which points an 'openai' judge at it")
-    raise ValueError(f"unknown judge backend {cfg.backend!r}; expected 'scene', 'openai' or 'vllm'")
+    if cfg.backend == "embedded_vlm":
+        raise ValueError("judge backend 'embedded_vlm' is a server the run starts: start "
+                         "serve.embedded_vlm (EmbeddedVLMHost, EmbeddedVLMThread or EmbeddedVLMServer) "
+                         "and point an 'openai' judge at the URL it returns (model serve.embedded_vlm.MODEL)")
+    raise ValueError(f"unknown judge backend {cfg.backend!r}; expected 'scene', 'openai', 'vllm' "
+                     "or 'embedded_vlm'")

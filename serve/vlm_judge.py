@@ -14,8 +14,17 @@ discriminate
 expand / mutate
     k prompts as a JSON list, screened (`evolve.judging.screen_prompts`): no
     duplicates, near-duplicates of the training set, empty or over-long prompts,
-    and, in the shapes world, nothing the grammar rejects. A short answer is
-    re-asked for the rest.
+    and, with `grammar_check`, nothing the shapes grammar rejects. A short
+    answer is re-asked for the rest.
+align (evaluation)
+    VQAScore without questions: the `vqa` question with the image, P(yes) =
+    p(yes tokens) / (p(yes tokens) + p(no tokens)) over the first generated
+    token's `top_logprobs` (a yes token is any that, stripped and lower-cased,
+    is the `yes` word), or 1/0 from the text where the response has no
+    logprobs or neither word is in the list. With questions: each asked with
+    the `answer` template, concurrently; the score is the mean P(yes).
+questions (evaluation)
+    At most n yes/no questions (TIFA / DSG style) from the `questions` template.
 
 Answers are constrained where the server can (`structured`: JSON schema or
 vLLM's choice), read strictly otherwise, re-asked at most `max_reasks` times,
@@ -32,8 +41,10 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +54,9 @@ from PIL import Image, ImageDraw
 
 from evolve.config import JudgeConfig
 from evolve.judging import (
+    AlignRequest,
+    AlignResult,
+    Answer,
     Comparison,
     DiscriminateRequest,
     DiscriminateVerdict,
@@ -50,11 +64,15 @@ from evolve.judging import (
     ExpandResult,
     MutateRequest,
     MutateResult,
+    QuestionsRequest,
+    QuestionsResult,
     Rejected,
     parse_choice,
     parse_prompt_list,
+    parse_yes_no,
     screen_prompts,
 )
+from evolve.worlds import shapes_canonical
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +115,45 @@ def image_part(img: Image.Image) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _shapes_canonical(text: str) -> str:
-    from evolve import shapes
+YES_NO_MAX_TOKENS = 16  # "Yes", or {"answer": "Yes"}: a few tokens; longer is rambling
 
-    try:
-        return shapes.parse(text).text
-    except shapes.PromptError as e:
-        raise ValueError(str(e)) from e
+
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def p_yes_from_logprobs(tokens: Any, yes: str, no: str) -> float | None:
+    """VQAScore's P(yes) from a response's `logprobs.content`, or None where it tells nothing.
+
+    OpenAI: logprobs.content[i] = {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]};
+    only the first generated token counts (as VQAScore). Its candidates are
+    top_logprobs plus the token itself (a server may leave it out of the list)."""
+    if not tokens:
+        return None
+    first = tokens[0]
+    cands = {}
+    for c in list(_get(first, "top_logprobs") or []) + [first]:
+        tok, lp = _get(c, "token"), _get(c, "logprob")
+        if isinstance(tok, str) and isinstance(lp, (int, float)) and tok not in cands:
+            cands[tok] = float(lp)
+    p = {yes.strip().lower(): 0.0, no.strip().lower(): 0.0}
+    for tok, lp in cands.items():
+        word = tok.strip().lower()
+        if word in p:
+            p[word] += math.exp(lp)  # OpenAI uses -9999.0 for "very unlikely": exp gives 0
+    total = sum(p.values())
+    return p[yes.strip().lower()] / total if total > 0 else None
+
+
+_QUESTION_WORD = re.compile(r"(?:is|are|does|do|did|can|could|was|were|has|have|will|would|should)\b", re.I)
+
+
+def _as_question(text: str) -> str | None:
+    """A yes/no question as kept: ends with "?"; one that opens like a question but
+    lacks the mark gets it (a harmless repair); a statement is no question."""
+    if text.endswith("?"):
+        return text
+    return text.rstrip(" .") + "?" if _QUESTION_WORD.match(text) else None
 
 
 class OpenAIJudgeBackend:
@@ -127,7 +177,8 @@ class OpenAIJudgeBackend:
                                    timeout=cfg.timeout_s, max_retries=3)
         self.client = client
         self.pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="vlm-judge")
-        self.canonical = _shapes_canonical if cfg.grammar_check else None
+        # grammar_check None ("as the run's world") is resolved by the run; here it means off.
+        self.canonical = shapes_canonical if cfg.grammar_check else None
         self._lock = threading.Lock()
         self.counters = {"questions": 0, "reasks": 0, "api_errors": 0, "no_verdict": 0,
                          "seconds": 0.0}
@@ -139,42 +190,47 @@ class OpenAIJudgeBackend:
                 self.counters[k] += v
 
     def _structured(self, kind: str, n: int = 0) -> dict[str, Any]:
-        """Request fields that constrain the answer to what the question asks."""
+        """Request fields that constrain the answer to what the question asks
+        (kind: "choice", "yes_no", "prompts": exactly n, "questions": 1 to n)."""
         if self.cfg.structured == "none":
             return {}
-        if kind == "choice":
-            choices = [self.t.choice_a, self.t.choice_b]
-            schema = {"type": "object", "properties": {"choice": {"type": "string", "enum": choices}},
-                      "required": ["choice"], "additionalProperties": False}
+        if kind in ("choice", "yes_no"):
+            key, choices = (("choice", [self.t.choice_a, self.t.choice_b]) if kind == "choice"
+                            else ("answer", [self.t.yes, self.t.no]))
+            schema = {"type": "object", "properties": {key: {"type": "string", "enum": choices}},
+                      "required": [key], "additionalProperties": False}
             if self.cfg.structured == "vllm":
                 return {"extra_body": {"structured_outputs": {"choice": choices}}}
         else:
-            schema = {"type": "object", "additionalProperties": False, "required": ["prompts"],
-                      "properties": {"prompts": {"type": "array", "minItems": n, "maxItems": n,
-                                                 "items": {"type": "string", "minLength": 1,
-                                                           "maxLength": self.cfg.max_prompt_chars}}}}
+            key, lo = ("prompts", n) if kind == "prompts" else ("questions", 1)
+            schema = {"type": "object", "additionalProperties": False, "required": [key],
+                      "properties": {key: {"type": "array", "minItems": lo, "maxItems": n,
+                                           "items": {"type": "string", "minLength": 1,
+                                                     "maxLength": self.cfg.max_prompt_chars}}}}
             if self.cfg.structured == "vllm":
                 return {"extra_body": {"structured_outputs": {"json": schema}}}
         return {"response_format": {"type": "json_schema",
                                     "json_schema": {"name": kind, "schema": schema}}}
 
-    def _chat(self, messages: list[dict[str, Any]], structured: dict[str, Any]) -> str:
+    def _chat(self, messages: list[dict[str, Any]], extra: dict[str, Any]) -> tuple[str, Any]:
+        """The answer's text and its `logprobs.content` (None where the server sent none)."""
         if self.t.system:
             messages = [{"role": "system", "content": self.t.system}, *messages]
         t0 = time.perf_counter()
         try:
             resp = self.client.chat.completions.create(
-                model=self.cfg.model, messages=messages, max_tokens=self.cfg.max_tokens,
-                temperature=self.cfg.temperature, **structured)
+                model=self.cfg.model, messages=messages,
+                **{"max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature, **extra})
         finally:
             self._count(questions=1, seconds=time.perf_counter() - t0)
         choice = resp.choices[0] if resp.choices else None
         content = choice.message.content if choice is not None and choice.message is not None else None
-        return content or ""
+        logprobs = _get(choice, "logprobs") if choice is not None else None
+        return content or "", (_get(logprobs, "content") if logprobs is not None else None)
 
     def _ask(self, content: list[dict[str, Any]], structured: dict[str, Any],
              read: Any) -> tuple[Any, list[str], str | None]:
-        """Ask; re-ask (in the same conversation) while `read(answer)` reports a
+        """Ask; re-ask (in the same conversation) while `read(answer, logprobs)` reports a
         problem, at most `max_reasks` times. Returns (what read made of the last
         answer, every raw answer, the last problem or None)."""
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
@@ -184,7 +240,7 @@ class OpenAIJudgeBackend:
             if attempt:
                 self._count(reasks=1)
             try:
-                answer = self._chat(messages, structured)
+                answer, logprobs = self._chat(messages, structured)
             except Exception as e:  # noqa: BLE001 - an API failure is "no answer", not a crash
                 self._count(api_errors=1)
                 # The type and status only: a provider's message may echo request details.
@@ -194,7 +250,7 @@ class OpenAIJudgeBackend:
                 answers.append(f"<{problem}>")
                 break
             answers.append(answer)
-            value, problem = read(answer)
+            value, problem = read(answer, logprobs)
             if problem is None:
                 break
             messages += [{"role": "assistant", "content": answer},
@@ -216,7 +272,7 @@ class OpenAIJudgeBackend:
         else:
             images = [image_part(first[1]), image_part(second[1])]
         letter, answers, _ = self._ask(images + [text], self._structured("choice"),
-                                       lambda a: parse_choice(a, self.t.choice_a, self.t.choice_b))
+                                       lambda a, _lp: parse_choice(a, self.t.choice_a, self.t.choice_b))
         winner = {"A": first[0], "B": second[0]}.get(letter) if letter else None
         return Comparison(first=first[0], second=second[0], answers=answers, winner=winner)
 
@@ -284,7 +340,7 @@ class OpenAIJudgeBackend:
         raw: list[str] = []
         rejected: list[Rejected] = []
 
-        def read(answer: str) -> tuple[None, str | None]:
+        def read(answer: str, _logprobs: Any) -> tuple[None, str | None]:
             items, problem = parse_prompt_list(answer)
             new, bad = screen_prompts(items, avoid + kept, self.cfg.max_prompt_chars, self.canonical)
             kept.extend(new[: want - len(kept)])
@@ -317,6 +373,79 @@ class OpenAIJudgeBackend:
             lambda n: self.t.mutate.format(n=n, examples=json.dumps(examples), style=style),
             req.n, list(req.avoid_prompts))
         return MutateResult(prompts=kept, raw=raw, rejected=rejected)
+
+    # -- evaluation: alignment and decomposed questions ---------------------------------------
+    def _yes_no(self, image: dict[str, Any], text: str, question: str) -> Answer:
+        """One yes/no question about one image; P(yes) from logprobs where the server gives them."""
+        yes, no = self.t.yes, self.t.no
+        # Structured output vs logprobs: no constraint when logprobs are asked for.
+        # A json_schema answer starts with '{', so the first token says nothing; and
+        # guided decoding masks the logits, which vLLM's logprobs may include
+        # (its --logprobs-mode: "raw" = before logit processors, "processed" =
+        # after; V0 computed them after the guided-decoding processor, masked
+        # tokens -inf, vllm-project/vllm#4149). VQAScore wants the model's own
+        # P(yes), so the question asks for a bare yes/no and the answer is read strictly.
+        extra: dict[str, Any] = {"max_tokens": min(self.cfg.max_tokens, YES_NO_MAX_TOKENS)}
+        if self.cfg.logprobs:
+            extra.update(logprobs=True, top_logprobs=self.cfg.top_logprobs)
+        else:
+            extra.update(self._structured("yes_no"))
+
+        def read(answer: str, logprobs: Any) -> tuple[tuple[float, bool] | None, str | None]:
+            p = p_yes_from_logprobs(logprobs, yes, no) if self.cfg.logprobs else None
+            if p is not None:
+                return (p, True), None
+            said, problem = parse_yes_no(answer, yes, no)
+            return (None, problem) if said is None else ((1.0 if said else 0.0, False), None)
+
+        value, raw, _ = self._ask([image, {"type": "text", "text": text}], extra, read)
+        p, from_lp = value if value is not None else (None, False)
+        return Answer(question=question, raw=raw, p_yes=p, from_logprobs=from_lp)
+
+    def align(self, req: AlignRequest) -> AlignResult:
+        """VQAScore (no questions) or the mean P(yes) over `req.questions`; score None = no verdict."""
+        image = image_part(fit_image(req.image, self.cfg.max_pixels, "image"))
+        if req.questions is None:
+            text = self.t.vqa.format(prompt=req.prompt)
+            answers, method = [self._yes_no(image, text, text)], "vqascore"
+        else:
+            answers = list(self.pool.map(
+                lambda q: self._yes_no(image, self.t.answer.format(question=q), q), req.questions))
+            method = "questions"
+        got = [a.p_yes for a in answers if a.p_yes is not None]
+        score = sum(got) / len(got) if got else None
+        if score is None:
+            self._count(no_verdict=1)
+        return AlignResult(prompt=req.prompt, score=score, method=method, answers=answers,
+                           logprobs=bool(answers) and all(a.from_logprobs for a in answers))
+
+    def questions(self, req: QuestionsRequest) -> QuestionsResult:
+        """At most n usable questions; an answer with none, or a malformed one short
+        of n, is re-asked (the complete strings of a truncated list are kept)."""
+        kept: list[str] = []
+        rejected: list[Rejected] = []
+
+        def read(answer: str, _logprobs: Any) -> tuple[None, str | None]:
+            items, problem = parse_prompt_list(answer)
+            new, bad = screen_prompts(items, kept, self.cfg.max_prompt_chars)
+            rejected.extend(bad)
+            for text in new:
+                q = _as_question(text)
+                if q is None or len(q) > self.cfg.max_prompt_chars:
+                    rejected.append(Rejected(prompt=text, why="not a yes/no question"))
+                elif len(kept) < req.n:
+                    kept.append(q)
+            if kept and (problem is None or len(kept) >= req.n):
+                return None, None
+            notes = [problem] if problem else []
+            if rejected:
+                notes.append("rejected: " + "; ".join(f"{r.prompt[:60]!r} ({r.why[:80]})" for r in rejected[-5:]))
+            return None, (f"{len(kept)} usable yes/no questions so far; give up to {req.n - len(kept)} more"
+                          + (" - " + "; ".join(notes) if notes else ""))
+
+        _, raw, _ = self._ask([{"type": "text", "text": self.t.questions.format(prompt=req.prompt, n=req.n)}],
+                              self._structured("questions", req.n), read)
+        return QuestionsResult(prompt=req.prompt, questions=kept, raw=raw, rejected=rejected)
 
     def stats(self) -> dict[str, float]:
         with self._lock:

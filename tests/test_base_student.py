@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from evolve.driver import BASE_CHECKPOINT
+from evolve.student.generate import BASE_CHECKPOINT
 
 CARD = json.loads((BASE_CHECKPOINT / "card.json").read_text())
 

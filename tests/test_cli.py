@@ -13,12 +13,13 @@ from typer.testing import CliRunner
 
 from evolve.cli import app
 from evolve.config import StudentConfig
+from evolve.shapes import vocabulary
 from evolve.shapes.grammar import heldout_prompts
 from evolve.shapes.render import from_png, render, to_png
 from evolve.shapes.scorer import heldout_set, write_prompts_jsonl
 
 runner = CliRunner()
-TINY = StudentConfig(block_channels=(16, 32), text_dim=32, text_layers=1)
+TINY = StudentConfig(block_channels=(16, 32), text_dim=32, text_layers=1, vocabulary=tuple(vocabulary()))
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,16 @@ def test_generate_writes_one_png_per_id(tiny_checkpoint, tmp_path):
     assert from_png((tmp_path / "out" / "a1.png").read_bytes()).shape == (32, 32, 3)
 
 
-def test_generate_rejects_bad_prompt_and_bad_checkpoint(tiny_checkpoint, tmp_path):
+def test_generate_rejects_bad_prompt_file_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"id": "a1", "prompt": "a purple circle"}\n')
+    prompts.write_text('{"id": "a1", "text2": "a purple circle"}\n')
     res = runner.invoke(app, ["generate", "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts),
                               "--out", str(tmp_path / "out")])
-    assert res.exit_code == 2 and "purple" in res.output
+    assert res.exit_code == 2 and "p.jsonl" in res.output and "no prompt" in res.output
+    prompts.write_text('{"id": "a1", "prompt": "a purple circle"}\n')  # any text: the student draws it
+    res = runner.invoke(app, ["generate", "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts),
+                              "--out", str(tmp_path / "out"), "--steps", "1"])
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["generate", "--checkpoint", str(tmp_path), "--prompts", str(prompts),
                               "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "not a student checkpoint" in res.output

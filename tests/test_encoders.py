@@ -11,18 +11,20 @@ from pydantic import ValidationError
 # Nothing here may reach a hub; the tiny encoders are built from config.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from evolve.shapes import vocabulary  # noqa: E402
 from evolve.shapes.render import render, to_png  # noqa: E402
 from evolve.store import ImageStore  # noqa: E402
 from evolve.student.encoders import (  # noqa: E402
     EncoderConfig, FeatureStore, FrozenEncoders, precompute_local)
 
 PROMPTS = ["a red circle", "two squares", "a yellow circle and a green triangle"]
+WORDS = tuple(vocabulary())  # a shapes-world run fills the tiny T5's words from its world
 
 
 @pytest.fixture(scope="module")
 def encoders() -> FrozenEncoders:
     # batch_size 2: every multi-image call below crosses a batch boundary.
-    return FrozenEncoders.load(EncoderConfig(batch_size=2))
+    return FrozenEncoders.load(EncoderConfig(batch_size=2, tiny_vocabulary=WORDS))
 
 
 def _images(n: int, size: int) -> np.ndarray:
@@ -70,7 +72,7 @@ def test_deterministic_across_calls_and_loads(encoders):
     a = encoders.encode_images(images)
     np.testing.assert_array_equal(a, encoders.encode_images(images))
     # Each Ray actor loads its own tiny encoders: they must be the same weights.
-    again = FrozenEncoders.load(EncoderConfig(batch_size=2))
+    again = FrozenEncoders.load(EncoderConfig(batch_size=2, tiny_vocabulary=WORDS))
     np.testing.assert_array_equal(a, again.encode_images(images))
     e1, _ = encoders.encode_prompts(PROMPTS)
     e2, _ = again.encode_prompts(PROMPTS)
@@ -87,6 +89,14 @@ def test_prompt_embeddings(encoders):
     assert (emb[~mask] == 0).all()
     assert (np.abs(emb[mask]).sum(-1) > 0).all()
     assert mask[:, 0].all() and not mask[0, 4:].any()  # padded on the right
+
+
+def test_tiny_encoders_without_words_read_bytes():
+    """No vocabulary (a world without one): ByT5's byte-level tokenizer, any text."""
+    enc = FrozenEncoders.load(EncoderConfig(batch_size=2, max_tokens=16))
+    emb, mask = enc.encode_prompts(["a cat", "A red circle."])
+    assert mask.sum(1).tolist() == [6, 14]  # bytes plus </s>
+    assert not np.array_equal(emb[0], emb[1])
 
 
 def test_unknown_config_key_rejected():

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from evolve.cluster import cluster_parts
 from evolve.config import RunConfig
 from evolve.dataset import DatasetVersions
 from evolve.ledger import Ledger
+from evolve.loop import main
 from evolve.ray_env import free_port
 from run_checks import assert_consistent
 
@@ -23,12 +25,12 @@ def kill_the_judge_replica_once(monkeypatch) -> list[str]:
     of the replicas killed."""
     import ray
 
-    from evolve.driver import Services
+    from evolve.cluster import RayJudge
 
     killed: list[str] = []
-    real = Services.ask_judge
+    real = RayJudge.ask
 
-    def ask_judge(self, method, reqs, *args, **kwargs):
+    def ask(self, method, reqs, *args, **kwargs):
         if method == "discriminate" and not killed and any(r.student_image for r in reqs):
             replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                         if a["name"].startswith("SERVE_REPLICA::judge#")]
@@ -37,7 +39,7 @@ def kill_the_judge_replica_once(monkeypatch) -> list[str]:
             killed.append(replicas[0]["name"])
         return real(self, method, reqs, *args, **kwargs)
 
-    monkeypatch.setattr(Services, "ask_judge", ask_judge)
+    monkeypatch.setattr(RayJudge, "ask", ask)
     return killed
 
 
@@ -48,8 +50,6 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
     1. a wall-clock stop after round 0, with the judge's replica killed mid-round;
     2. the same folder again: it finishes both rounds, with every artefact;
     3. once more with a third round: only new images are bought."""
-    from evolve.driver import EvolveRun
-
     cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
         update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 2})
     run = tmp_path / "run"
@@ -58,7 +58,7 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
     # the lost requests are asked again. max_wall_s stops the run after round 0.
     killed = kill_the_judge_replica_once(monkeypatch)
     said: list[str] = []
-    rep = EvolveRun(cfg.model_copy(update={"max_wall_s": 0.5}), progress=said.append).run()
+    rep = main(cfg.model_copy(update={"max_wall_s": 0.5}), cluster_parts, said.append)
     assert killed and rep["stopped"] == "wall_clock" and [r["round"] for r in rep["rounds"]] == [0]
     assert any("stopping after round 0: max_wall_s passed" in m for m in said)
     assert (run / "report.html").exists() and not (run / "rounds" / "final_v0002.json").exists()
@@ -70,7 +70,7 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
 
     # 2. Run again: round 1 and the final student; round 0 is not redone.
     monkeypatch.undo()
-    report = EvolveRun(cfg, progress=lambda *_: None).run()
+    report = main(cfg, cluster_parts, lambda *_: None)
     assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0, 1]
     assert (run / "rounds" / "round_000.json").read_text() == round0
     assert_consistent(run)
@@ -111,25 +111,10 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
 
     # 3. A finished run re-run with one more round buys only new images,
     # continues from round 2 and leaves the earlier rounds as they were.
-    EvolveRun(cfg.model_copy(update={"rounds": 3}), progress=lambda *_: None).run()
+    main(cfg.model_copy(update={"rounds": 3}), cluster_parts, lambda *_: None)
     assert (run / "rounds" / "round_002.json").exists()
     assert (run / "rounds" / "round_000.json").read_text() == round0
     assert_consistent(run)
-
-
-@pytest.mark.integration
-def test_run_folder_refuses_other_config(ray_local, tmp_path):
-    from evolve.driver import EvolveRun
-
-    cfg = RunConfig(run_dir=tmp_path / "run")
-    (tmp_path / "run").mkdir()
-    RunConfig(run_dir=tmp_path / "run", seed=99).save(tmp_path / "run" / "config.json")
-    with pytest.raises(ValueError, match="another config"):
-        EvolveRun(cfg).run()
-    # A folder that was moved (its recorded run_dir differs, nothing else) is the same run.
-    RunConfig(run_dir=tmp_path / "moved-from").save(tmp_path / "run" / "config.json")
-    EvolveRun(cfg)._check_config()
-    assert RunConfig.load(tmp_path / "run" / "config.json").run_dir == tmp_path / "run"
 
 
 def train_worker_pids() -> list[int]:
@@ -155,8 +140,6 @@ def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
     import threading
     import time
 
-    from evolve.driver import EvolveRun
-
     cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
         update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 3,
                 "serve_edgen": True})
@@ -165,7 +148,7 @@ def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
 
     def main():
         try:
-            result["report"] = EvolveRun(cfg, progress=lambda *_: None).run()
+            result["report"] = main(cfg, cluster_parts, lambda *_: None)
         except BaseException as e:  # noqa: BLE001 - re-raised by the test below
             result["error"] = e
 
@@ -209,46 +192,14 @@ def test_continuous_training_survives_a_killed_worker(ray_local, tmp_path):
     assert len(keys) == len(set(keys)) and result["report"]["total_images_bought"] == len(entries)
 
 
-def test_total_budget_trims_new_prompts(tmp_path):
-    from evolve.driver import EvolveRun
-    from evolve.evolution import NewPrompt
-
-    class Spent:  # what the gateways report
-        def __init__(self, spent):
-            self.spent = spent
-
-        def teacher_stats(self):
-            return {t: {"spent": s} for t, s in self.spent.items()}
-
-    said = []
-    cfg = RunConfig(run_dir=tmp_path / "run", budget=1.0)  # three teachers: $0.09 per new prompt
-    run = EvolveRun(cfg, progress=said.append)
-    cands = [NewPrompt(f"p{i}", "expand") for i in range(10)]
-    assert run.affordable(Spent({"aurora": 0.2, "brush": 0.1, "canvas": 0.25}), cands) == cands[:5]
-    assert "5 of 10 new prompts" in said[-1]
-    assert run.affordable(Spent({"aurora": 1.0}), cands) == []
-    assert EvolveRun(cfg.model_copy(update={"budget": None})).affordable(Spent({"aurora": 99}), cands) == cands
-
-    # An image budget counts the ledger (every image paid for, across restarts).
-    from evolve.ledger import Ledger
-
-    capped = EvolveRun(cfg.model_copy(update={"budget": None, "max_images": 10}), progress=said.append)
-    ledger = Ledger(capped.folder.ledger)
-    for i in range(4):
-        ledger.record({"teacher": "aurora", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.0})
-    assert capped.affordable(Spent({}), cands) == cands[:2]               # 6 left, 3 teachers a prompt
-    assert capped.affordable(Spent({}), cands, images_per_prompt=1) == cands[:6]
-    assert "image budget 10: 4 bought" in said[-1]
-
-
 def test_judge_requests_lost_with_a_replica_are_asked_again(monkeypatch):
     """A replica dying under a request fails it with a RayActorError: only the
     lost requests are asked again; other errors are the judge's and propagate."""
     from ray.exceptions import ActorDiedError
 
-    import evolve.driver as driver
+    import evolve.cluster as cluster
 
-    monkeypatch.setattr(driver.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
     asked: list[str] = []
 
     class Response:
@@ -267,84 +218,12 @@ def test_judge_requests_lost_with_a_replica_are_asked_again(monkeypatch):
             asked.append(req)
             return Response(req)
 
-    svc = driver.Services.__new__(driver.Services)  # only the judge handle is needed
-    svc.judge = type("Handle", (), {"discriminate": Method()})()
+    judge = cluster.RayJudge.__new__(cluster.RayJudge)  # only the handle is needed
+    judge.handle = type("Handle", (), {"discriminate": Method()})()
     lat: list[float] = []
-    assert svc.ask_judge("discriminate", ["a", "b", "c"], lat) == ["A", "B", "C"]
+    assert judge.discriminate(["a", "b", "c"], lat) == ["A", "B", "C"]
     assert asked == ["a", "b", "c", "b", "c"] and len(lat) == 3
     with pytest.raises(ValueError, match="not a PNG"):
-        svc.ask_judge("discriminate", ["bad"])
+        judge.ask("discriminate", ["bad"])
     with pytest.raises(RuntimeError, match="failed 1 discriminate requests 2 times"):
-        svc.ask_judge("discriminate", ["z"], retries=1)
-
-
-def test_stop_reasons(tmp_path):
-    """After each round: a reached target, a passed wall clock, or a budget with
-    nothing left to buy stops the run (in that order of precedence)."""
-    import time
-
-    from evolve.dataset import write_json_atomic
-    from evolve.driver import EvolveRun
-    from evolve.ledger import Ledger
-
-    class Spent:
-        def __init__(self, spent):
-            self.spent = spent
-
-        def teacher_stats(self):
-            return {t: {"spent": self.spent.get(t, 0.0)} for t in ("aurora", "brush", "canvas")}
-
-    def reason(svc=Spent({}), t0=None, **cfg):
-        run = EvolveRun(RunConfig(run_dir=tmp_path / "run", **cfg), progress=lambda *_: None)
-        run.folder.make()
-        write_json_atomic(run.folder.round_stats(0), {"heldout": {"overall": 0.6}})
-        return run.stop_reason(svc, 0, time.time() if t0 is None else t0)
-
-    assert reason() is None
-    assert reason(target_heldout=0.6) == "target" and reason(target_heldout=0.7) is None
-    assert reason(max_wall_s=10, t0=time.time() - 11) == "wall_clock" and reason(max_wall_s=10) is None
-    assert reason(target_heldout=0.5, max_wall_s=1, t0=0) == "target"
-    # $0.09 buys a new prompt from all three teachers
-    assert reason(Spent({"aurora": 0.95}), budget=1.0) == "budget"
-    assert reason(Spent({"aurora": 0.9}), budget=1.0) is None
-    assert reason(Spent({"aurora": 0.95}), budget=1.0, stop_when_spent=False) is None
-    assert reason(Spent({"aurora": 0.95}), budget=1.0, evolution={"strategy": "random"}) is None
-    ledger = Ledger(tmp_path / "run" / "ledger.jsonl")
-    for i in range(8):
-        ledger.record({"teacher": "aurora", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.0})
-    assert reason(max_images=10) == "budget" and reason(max_images=11) is None  # 3 images a prompt
-    teachers = [{"name": n, "budget": 1.0, "price_per_image": 0.5} for n in ("aurora", "brush", "canvas")]
-    assert reason(Spent({"aurora": 0.6, "brush": 0.6, "canvas": 0.6}), teachers=teachers) == "budget"
-    assert reason(Spent({"aurora": 0.6, "brush": 0.6}), teachers=teachers) is None
-
-
-def test_teachers_are_scored_on_the_images_they_delivered(tmp_path):
-    """A held-out image a teacher did not deliver (its budget spent) is left
-    out of its score and counted as not bought, not scored as a wrong image."""
-    from evolve.dataset import write_json_atomic
-    from evolve.driver import EvolveRun
-    from evolve.shapes.render import render, to_png
-
-    said: list[str] = []
-    run = EvolveRun(RunConfig(run_dir=tmp_path / "run", heldout_per_category=1), progress=said.append)
-    run.folder.make()
-    write_json_atomic(run.folder.rounds / "baseline.json", {"heldout": {"overall": 0.5, "per_category": {}, "n": 1}})
-    refs = [run.store.put(to_png(render(p, s, 32))) for p, s in zip(run.heldout, run.heldout_seeds)]
-    refusal = {"error": "teacher aurora: budget 1.0000 reached", "kind": "budget"}
-
-    class Svc:
-        def buy(self, items):
-            assert [p for p, _ in items] == run.heldout
-            return {"aurora": [{"ref": r} for r in refs[:-2]] + [refusal, refusal],  # the last two refused
-                    "brush": [refusal] * len(refs)}
-
-        def teacher_stats(self):
-            return {"aurora": {"paid_calls": 0, "spent": 1.0}, "brush": {"paid_calls": 0, "spent": 1.0}}
-
-    rep = run.final_report(Svc(), 1.0)
-    aurora = rep["teachers"]["aurora"]
-    assert aurora["overall"] == 1.0 and aurora["n"] == len(refs) - 2 and aurora["not_bought"] == 2
-    assert "brush" not in rep["teachers"]
-    assert any("teacher aurora: scored on 4 of 6 held-out images; 2 not bought (budget)" in m for m in said)
-    assert any("teacher brush: not scored" in m for m in said)
-    assert "teacher aurora (on 4 images, 2 not bought)" in (tmp_path / "run" / "report.md").read_text()
+        judge.ask("discriminate", ["z"], retries=1)

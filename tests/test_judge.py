@@ -13,9 +13,12 @@ from pydantic import ValidationError
 from evolve import shapes
 from evolve.config import JudgeConfig
 from evolve.judging import (
+    AlignRequest,
+    CompareRequest,
     DiscriminateRequest,
     ExpandRequest,
     MutateRequest,
+    QuestionsRequest,
     TeacherImage,
 )
 from evolve.ray_env import free_port
@@ -165,6 +168,32 @@ def test_mutate_falls_back_when_everything_is_avoided(judge):
         judge.mutate(MutateRequest(avoid_prompts=["a hexagon"], n=1))
 
 
+# -- evaluation -----------------------------------------------------------------------
+@pytest.mark.parametrize("prompt,wrong", CASES)
+def test_align_and_questions(judge, prompt, wrong):
+    right, flawed = draw(prompt, 1), draw(wrong, 2)
+    a = judge.align(AlignRequest(prompt=prompt, image=right))
+    b = judge.align(AlignRequest(prompt=prompt, image=flawed))
+    assert (a.score, a.method, a.logprobs) == (1.0, "scene", False) and b.score < 1.0
+    qs = judge.questions(QuestionsRequest(prompt=prompt, n=8)).questions
+    assert qs and all(q.endswith("?") for q in qs)
+    a = judge.align(AlignRequest(prompt=prompt, image=right, questions=qs))
+    b = judge.align(AlignRequest(prompt=prompt, image=flawed, questions=qs))
+    assert a.method == "questions" and a.score == 1.0 and b.score < 1.0
+
+
+def test_align_free_text_and_unknown_questions(judge):
+    img = draw("three triangles")
+    assert judge.align(AlignRequest(prompt="A photo of 3 triangles.", image=img)).score == 1.0
+    out = judge.align(AlignRequest(prompt="three triangles", image=img, questions=["Is it sunny?"]))
+    assert out.score is None and out.answers[0].p_yes is None
+    assert judge.questions(QuestionsRequest(prompt="a fox", n=3)).questions == ['Does the image show "a fox"?']
+    with pytest.raises(ValueError, match="does not read"):
+        judge.align(AlignRequest(prompt="a fox", image=img))
+    with pytest.raises(ValueError, match="decode"):
+        judge.align(AlignRequest(prompt="a circle", image=img[:40]))
+
+
 # -- Ray Serve ------------------------------------------------------------------------
 def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
@@ -226,6 +255,30 @@ def test_judge_serve(ray_local):
         assert status == 400 and "not a PNG" in body["error"]
         status, body = _post(url, {"op": "paint"})
         assert status == 400 and "unknown op" in body["error"]
+
+        # evaluation ops: batched like discriminate, a bad request fails alone
+        right, wrong = draw("three triangles", 1), draw("two triangles", 2)
+        comps = [handle.compare.remote(CompareRequest(prompt="three triangles", first=a, second=b))
+                 for a, b in [(right, wrong), (wrong, right)] * 4]
+        assert [c.result(timeout_s=60).winner for c in comps] == ["first", "second"] * 4
+        aligns = [handle.align.remote(AlignRequest(prompt="three triangles", image=img)) for img in (right, wrong) * 4]
+        assert [a.result(timeout_s=60).score == 1.0 for a in aligns] == [True, False] * 4
+        with pytest.raises(ValueError, match="hexagon"):
+            handle.align.remote(AlignRequest(prompt="a hexagon", image=right)).result(timeout_s=30)
+        qs = handle.questions.remote(QuestionsRequest(prompt="three triangles", n=4)).result(timeout_s=30)
+        assert qs.questions == ["Are there exactly three triangles?", "Are there exactly three objects?"]
+        status, body = _post(url, {"op": "compare", "prompt": "three triangles", "first": b64(wrong),
+                                   "second": b64(right)})
+        assert status == 200 and body["winner"] == "second", body
+        status, body = _post(url, {"op": "align", "prompt": "three triangles", "image": b64(right),
+                                   "questions": qs.questions})
+        assert status == 200 and body["score"] == 1.0 and body["method"] == "questions", body
+        status, body = _post(url, {"op": "questions", "prompt": "a circle", "n": 2})
+        assert status == 200 and body["questions"] == ["Is there a circle?", "Is there exactly one object?"]
+        status, body = _post(url, {"op": "align", "prompt": "a circle", "image": "***"})
+        assert status == 400 and "base64" in body["error"]
+        stats = handle.stats.remote().result(timeout_s=30)
+        assert stats["compare_requests"] == 9 and stats["align_requests"] == 10, stats
     finally:
         serve.delete("judge")
 
@@ -266,3 +319,40 @@ def test_vlm_judge_behind_serve(ray_local):
             assert stats["max_batch_seen"] > 1 and stats["no_verdict"] == 1 and stats["reasks"] == 2
         finally:
             serve.delete("judge-vlm")
+
+
+@pytest.mark.integration
+def test_evaluation_behind_serve_with_embedded_vlm(ray_local):
+    """compare / align / questions through the Judge deployment to the embedded VLM over
+    HTTP: batched requests fan out concurrently; VQAScore comes from logprobs."""
+    from ray import serve
+
+    from serve.embedded_vlm import MODEL, EmbeddedVLMThread
+    from serve.judge import build_judge_app
+
+    vlm = EmbeddedVLMThread()
+    url = vlm.start()
+    cfg = JudgeConfig(backend="openai", base_url=url, model=MODEL, max_batch_size=16, batch_wait_s=0.3,
+                      max_concurrency=8)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    handle = serve.run(build_judge_app(cfg), name="judge-eval", route_prefix="/judge-eval")
+    try:
+        prompt, wrong = CASES[4]
+        right, flawed = draw(prompt, 1), draw(wrong, 2)
+        aligns = [handle.align.remote(AlignRequest(prompt=prompt, image=img)) for img in (right, flawed) * 6]
+        out = [a.result(timeout_s=60) for a in aligns]
+        assert all(o.logprobs and o.method == "vqascore" for o in out)
+        assert [o.score > 0.9 for o in out] == [True, False] * 6
+        comps = [handle.compare.remote(CompareRequest(prompt=prompt, first=a, second=b))
+                 for a, b in [(right, flawed), (flawed, right)] * 3]
+        assert [c.result(timeout_s=60).winner for c in comps] == ["first", "second"] * 3
+        qs = handle.questions.remote(QuestionsRequest(prompt=prompt, n=8)).result(timeout_s=30)
+        a = handle.align.remote(AlignRequest(prompt=prompt, image=flawed, questions=qs.questions)).result(timeout_s=60)
+        assert len(qs.questions) == 4 and a.method == "questions" and 0 < a.score < 0.9
+        stats = handle.stats.remote().result(timeout_s=30)
+        print("evaluation judge stats:", stats, "vlm:", vlm.stats())
+        assert stats["align_requests"] == 13 and stats["compare_requests"] == 6
+        assert vlm.stats()["max_in_flight"] > 1  # a batch's questions reached the VLM together
+    finally:
+        serve.delete("judge-eval")
+        vlm.stop()

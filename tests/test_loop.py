@@ -129,3 +129,85 @@ def test_the_run_folder_refuses_another_config(tmp_path):
     main(tiny(tmp_path, rounds=1), local_parts(), lambda *_: None)
     with pytest.raises(ValueError, match="another config"):
         main(tiny(tmp_path, rounds=1, seed=99), local_parts(), lambda *_: None)
+
+
+def test_teachers_are_scored_on_the_images_they_delivered(tmp_path):
+    """A held-out image a teacher did not deliver (its budget spent, a refusal) is
+    left out of its score and counted as not bought, not scored as a wrong image."""
+    from evolve.evaluation import Evaluator
+    from evolve.images import to_png
+    from evolve.parts import Parts
+    from evolve.run_folder import RunFolder
+    from evolve.shapes.render import render
+    from evolve.shapes.world import ShapesWorld
+    from evolve.store import ImageStore
+    from evolve.worlds import make_world
+
+    folder = RunFolder(tmp_path / "run")
+    world = make_world(RunConfig(world={"heldout_per_category": 1}).world)
+    items = world.heldout()
+    store = ImageStore(folder.images)
+    refs = [store.put(to_png(render(h.prompt, h.seed, 32))) for h in items]
+    refusal = {"error": "teacher aurora: budget 1.0000 reached", "kind": "budget"}
+
+    class Teachers:
+        def buy(self, got):
+            assert [p for p, _ in got] == [h.prompt for h in items]
+            return {"aurora": [{"ref": r} for r in refs[:-2]] + [refusal, refusal],  # the last two refused
+                    "brush": [refusal] * len(refs)}
+
+    said: list[str] = []
+    parts = Parts(world=world, teachers=Teachers(), judge=None, trainer=None, sample=None)
+    scores = Evaluator(RunConfig().evaluation, parts, folder, items, said.append).teachers()
+    aurora = scores["aurora"]
+    assert isinstance(world, ShapesWorld) and aurora["overall"] == 1.0
+    assert aurora["n"] == len(refs) - 2 and aurora["not_bought"] == 2 and "brush" not in scores
+    assert any("teacher aurora: scored on 4 of 6 held-out images; 2 not bought (budget)" in m for m in said)
+    assert any("teacher brush: not scored" in m for m in said)
+
+
+def test_free_text_run_with_the_embedded_vlm_over_http(tmp_path):
+    """The prompts world: prompt files, the loop treating prompts as opaque text,
+    the judge a VLM client talking HTTP to the embedded VLM (logprobs for
+    VQAScore), held-out scored by win rates and alignment, checked against
+    the scene parser as a reference."""
+    from serve.embedded_vlm import EmbeddedVLMThread
+    from serve.judge_backends import make_backend
+
+    data = RunConfig.load(ROOT / "configs" / "free-text.yaml").model_dump()
+    small = {"teachers": RunConfig.load(ROOT / "configs" / "tiny.yaml").model_dump()["teachers"],
+             "world": {**data["world"], "seed": {**data["world"]["seed"], "limit": 12},
+                       "heldout": {**data["world"]["heldout"], "limit": 12}},
+             "evolution": {"expand_k": 2, "mutate_prob": 1.0, "mutate_n": 2, "max_eval": 6}}
+    cfg = RunConfig.model_validate({**data, **small, "rounds": 2, "run_dir": tmp_path / "run"})
+    with EmbeddedVLMThread(cfg.judge.templates, cfg.judge.embedded_vlm) as url:
+        judge = make_backend(cfg.judge.model_copy(update={"backend": "openai", "base_url": url,
+                                                          "model": "embedded-vlm", "grammar_check": False}))
+        said: list[str] = []
+        rep = main(cfg, local_parts(judge), said.append)
+    run = tmp_path / "run"
+    assert rep["stopped"] == "rounds" and len(rep["rounds"]) == 2
+    start, final = rep["student"]["start"], rep["student"]["final"]
+    for acc in (start, final):
+        assert acc["metric"] == "vlm" and acc["alignment"]["method"] == "vqascore"
+        assert set(acc["win_rate"]) == {"aurora", "brush"} and "reference" in acc
+        for w in acc["win_rate"].values():
+            assert w["wins"] + w["losses"] + w["no_verdict"] == 12
+            assert w["rate"] is None or w["ci95"][0] <= w["rate"] <= w["ci95"][1]
+    assert final["alignment"]["overall"] > start["alignment"]["overall"]  # the stand-in student learns
+    assert json.loads((run / "eval" / "method.json").read_text())["alignment"] == "vqascore"
+    versions = DatasetVersions(run / "datasets")
+    added = [r for r in versions.read(1) if r.op != "seed"]
+    assert added, "the judge's variants joined"
+    # Free text all the way: the VLM's phrasings are kept as written, not put into grammar form.
+    assert any(r.prompt[0].isupper() or r.prompt.endswith(".") for r in added)
+    seeds = {r.id: r for r in versions.read(0)}
+    for r in added:
+        if r.op == "expand":
+            assert r.category == seeds[r.parent_id].category  # an expansion inherits its parent's skill
+        if r.op == "mutate":
+            assert r.category is None  # unknown unless the judge names one
+    assert set(rep["teachers"]) == {"aurora", "brush"} and all("alignment" in t for t in rep["teachers"].values())
+    assert any("alignment" in m and "vs aurora" in m for m in said)
+    # The VLM's scores rank the student (start, final) and the teachers as the scene parser's do.
+    assert rep["agreement"]["same_order"], rep["agreement"]

@@ -23,8 +23,8 @@ def test_arms_differ_only_where_they_should():
     base = sci.base_config(quick=False, config=None)
     rnd, evo = sci.arm_config(base, "random", 500, 1), sci.arm_config(base, "evolve", 500, 1)
     assert (rnd.max_images, evo.max_images, rnd.seed) == (500, 500, 1)
-    assert rnd.evolution.strategy == "random" and rnd.seed_prompts == 500
-    assert evo.evolution.strategy == "evolve" and evo.seed_prompts == 500 // 12
+    assert rnd.evolution.strategy == "random" and rnd.world.seed_prompts == 500
+    assert evo.evolution.strategy == "evolve" and evo.world.seed_prompts == 500 // 12
     assert rnd.train == evo.train and rnd.student == evo.student and rnd.teachers == evo.teachers
     assert [t.name for t in sci.arm_config(base, "only-brush", 500, 0).teachers] == ["brush"]
     assert not sci.arm_config(base, "no-delete", 500, 0).evolution.delete

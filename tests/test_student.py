@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from evolve.config import SampleConfig, StudentConfig, TrainConfig
+from evolve.shapes import vocabulary
 from evolve.student.diffusion import EMA, make_noise_scheduler, sample, training_loss
 from evolve.student.model import Student
 from evolve.student.text import build_tokenizer, tokenize
 
+WORDS = tuple(vocabulary())  # the shapes grammar's: what a shapes-world run gives its student
 TINY = {
     "unet": dict(arch="unet", block_channels=(16, 32), attn_levels=1, norm_groups=8, attention_head_dim=8,
-                 text_dim=32, text_layers=1, text_heads=2),
+                 text_dim=32, text_layers=1, text_heads=2, vocabulary=WORDS),
     "pixart": dict(arch="pixart", hidden_size=32, num_layers=2, num_heads=2, patch_size=4,
-                   text_dim=32, text_layers=1, text_heads=2),
+                   text_dim=32, text_layers=1, text_heads=2, vocabulary=WORDS),
 }
 TINY["pixart-qk"] = {**TINY["pixart"], "qk_norm": True}
 PROMPTS = ["a red circle", "two squares", "a triangle left of a circle", "a blue square and a green circle"]
@@ -29,7 +31,7 @@ def tiny(arch: str = "unet", **kw) -> Student:
 
 
 def test_tokenizer_word_level():
-    tok = build_tokenizer()
+    tok = build_tokenizer(WORDS)
     ids, mask = tokenize(tok, ["a red circle", "", "a purple circle"], 12)
     assert ids.shape == (3, 12) and mask.shape == (3, 12)
     bos, pad, unk = tok.bos_token_id, tok.pad_token_id, tok.unk_token_id
@@ -37,7 +39,9 @@ def test_tokenizer_word_level():
     assert ids[0, 1] == tok.convert_tokens_to_ids("a") and ids[0, 3] == tok.convert_tokens_to_ids("circle")
     assert ids[1, 0] == bos and (ids[1, 1:] == pad).all() and mask[1].sum() == 1  # the CFG null prompt
     assert ids[2, 2] == unk
-    assert build_tokenizer().get_vocab() == tok.get_vocab()  # stable ids
+    assert build_tokenizer(reversed(WORDS)).get_vocab() == tok.get_vocab()  # stable ids
+    # Free text is read as its words: case and punctuation do not count.
+    assert tokenize(tok, ["A Red circle."], 12)[0].tolist() == ids[:1].tolist()
 
 
 @pytest.mark.parametrize("arch", ["unet", "pixart", "pixart-qk"])
@@ -229,13 +233,15 @@ def test_checkpoint_files_resume_state(tmp_path):
 
 @pytest.mark.integration
 def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
-    """The "rounds" schedule's fit (driver.train_round: a run folder's dataset
+    """The "rounds" schedule's fit (cluster.RoundsTrainer: a run folder's dataset
     version through Ray Data, one fit() of steps_per_round), on two workers;
     then the same Ray Train run resumed from its checkpoint."""
+    from evolve.cluster import RoundsTrainer
     from evolve.config import RunConfig
     from evolve.dataset import Record
-    from evolve.driver import RunFolder, train_round, version_dataset
+    from evolve.run_folder import RunFolder
     from evolve.shapes.render import render, to_png
+    from evolve.student.data import version_dataset
     from evolve.store import ImageStore
     from evolve.student.generate import generate_images
     from evolve.student.train import fit_student
@@ -249,8 +255,10 @@ def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
     scfg = StudentConfig(**TINY["unet"], prediction_type="sample")
     tcfg = TrainConfig(num_workers=2, cpus_per_worker=0.5, batch_size=8, report_every=1, steps_per_round=2)
     cfg = RunConfig(run_dir=folder.root, student=scfg, train=tcfg)
-    out = train_round(cfg, folder, records, 0, None)
-    assert out == folder.checkpoint(0)
+    trainer = RoundsTrainer(cfg, folder, None)
+    trainer.publish(0, records)
+    out = folder.checkpoint(0)
+    assert trainer.weights_after(0, tcfg.steps_per_round, out) == {"step": 2}
     kw = dict(student_cfg=scfg, train_cfg=tcfg, storage_path=folder.train_storage, name="round_000")
     ds = version_dataset(cfg, folder, records)
     state = json.loads((out / "state.json").read_text())

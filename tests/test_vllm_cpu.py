@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from evolve.config import JudgeConfig
-from evolve.judge_eval import judge_eval, make_pairs
+from evolve.judge_eval import judge_eval
+from evolve.shapes.judge_pairs import make_pairs
 from evolve.judging import ExpandRequest
 from serve.judge_backends import make_backend
 

@@ -1,22 +1,28 @@
-"""The OpenAI-compatible VLM judge against a local chat-completions server (no Ray, no GPU).
+"""The OpenAI-compatible VLM judge against local chat-completions servers (no Ray, no GPU).
 
-The server (tests/chat_server.py) reads the images it is sent with the scene
-parser, or answers from a script of malformed replies.
+Two servers: tests/chat_server.py reads images with the scene parser or answers
+from a script of malformed replies (the failure tests); the embedded VLM
+(serve/embedded_vlm.py) answers every template, logprobs included, from the
+pixels in free-text phrasing (the evaluation and free-text tests).
 """
 
 from __future__ import annotations
 
 import io
+import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
 from evolve import shapes
-from evolve.config import JudgeConfig, JudgeTemplates
+from evolve.config import EmbeddedVLMConfig, FlawProfile, JudgeConfig, JudgeTemplates
 from evolve.judging import (
+    AlignRequest,
     DiscriminateRequest,
     ExpandRequest,
     MutateRequest,
+    QuestionsRequest,
     TeacherImage,
     normalize_prompt,
     parse_choice,
@@ -24,7 +30,8 @@ from evolve.judging import (
     screen_prompts,
 )
 from serve.judge_backends import make_backend
-from serve.vlm_judge import OpenAIJudgeBackend, fit_image, side_by_side
+from serve.embedded_vlm import MODEL, EmbeddedVLMThread
+from serve.vlm_judge import OpenAIJudgeBackend, fit_image, p_yes_from_logprobs, side_by_side
 from chat_server import A, B, ChatServer
 
 PROMPT, WRONG = "a square left of a circle", "a square right of a circle"
@@ -125,6 +132,8 @@ def test_config_validation():
         JudgeTemplates(discriminate="which is better?")
     with pytest.raises(ValueError, match="is an in-cluster deployment"):
         make_backend(JudgeConfig(backend="vllm", llm={"model_loading_config": {"model_id": "m"}}))
+    with pytest.raises(ValueError, match="embedded_vlm' is a server the run starts"):
+        make_backend(JudgeConfig(backend="embedded_vlm"))
     with pytest.raises(ValueError, match="JUDGE_TEST_KEY_UNSET"):
         make_backend(JudgeConfig(backend="openai", base_url="http://127.0.0.1:9/v1", model="m",
                                  api_key_env="JUDGE_TEST_KEY_UNSET"))
@@ -250,7 +259,7 @@ def test_bad_image_is_bad_input(server):
 
 # -- expand / mutate --------------------------------------------------------------------------------
 def test_expand_screens_and_reasks_when_short(server):
-    judge = backend(server)
+    judge = backend(server, grammar_check=True)
     out = judge.expand(ExpandRequest(prompt="three circles", k=3, avoid_prompts=["two circles"]))
     assert len(out.variants) == 3 and len(set(out.variants)) == 3
     assert "three circles" not in out.variants and "two circles" not in out.variants
@@ -293,7 +302,8 @@ def test_grammar_check_off_keeps_free_text(server):
 
 # -- judge-eval harness ------------------------------------------------------------------------
 def test_judge_eval_scene_backend_is_exact():
-    from evolve.judge_eval import judge_eval, make_pairs
+    from evolve.judge_eval import judge_eval
+    from evolve.shapes.judge_pairs import make_pairs
 
     pairs = make_pairs(60, seed=3)
     assert len(pairs) == 60 and {p.category for p in pairs} == set(shapes.CATEGORIES)
@@ -303,7 +313,8 @@ def test_judge_eval_scene_backend_is_exact():
 
 
 def test_judge_eval_measures_a_biased_vlm(server):
-    from evolve.judge_eval import judge_eval, make_pairs
+    from evolve.judge_eval import judge_eval
+    from evolve.shapes.judge_pairs import make_pairs
 
     pairs = make_pairs(12, seed=1)
     truthful = judge_eval(backend(server), pairs, throughput_requests=0)
@@ -326,3 +337,163 @@ def test_example_judge_configs_load(name):
     cfg = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" / name).judge
     client = vlm_client_config(cfg, 8000)
     assert client.backend == "openai" and client.base_url and client.model and client.order == "both"
+
+
+# -- evaluation: align and questions against the embedded VLM ---------------------------------
+@pytest.fixture(scope="module")
+def vlm():
+    server = EmbeddedVLMThread(JudgeTemplates(), EmbeddedVLMConfig())
+    server.start()
+    yield server
+    server.stop()
+
+
+def embedded(url: str, **kw) -> OpenAIJudgeBackend:
+    return make_backend(JudgeConfig(backend="openai", base_url=url, model=MODEL, **kw))
+
+
+def test_p_yes_from_logprobs():
+    lp = lambda t, p: {"token": t, "logprob": math.log(p)}  # noqa: E731
+    first = {"token": "Yes", "logprob": math.log(0.6), "top_logprobs": [lp("Yes", 0.6), lp(" no", 0.2), lp("yes", 0.1),
+                                                                       lp("The", 0.05)]}
+    assert p_yes_from_logprobs([first], "Yes", "No") == pytest.approx(0.7 / 0.9)
+    assert p_yes_from_logprobs([{"token": "{", "logprob": 0.0, "top_logprobs": [lp("{", 1.0)]}], "Yes", "No") is None
+    assert p_yes_from_logprobs([{"token": "No", "logprob": -0.1, "top_logprobs": []}], "Yes", "No") == 0.0
+    assert p_yes_from_logprobs(None, "Yes", "No") is None and p_yes_from_logprobs([], "Yes", "No") is None
+
+
+def test_align_vqascore_from_logprobs(vlm):
+    judge = embedded(vlm.url)
+    right = judge.align(AlignRequest(prompt=PROMPT, image=draw(PROMPT, 3)))
+    wrong = judge.align(AlignRequest(prompt=PROMPT, image=draw(WRONG, 3)))
+    assert right.method == "vqascore" and right.logprobs and right.answers[0].from_logprobs
+    assert right.score == pytest.approx(0.97) and wrong.score < 0.35 and wrong.logprobs
+    # a short top list misses some no-tokens: the estimate is a little off, still from logprobs
+    short = embedded(vlm.url, top_logprobs=5).align(AlignRequest(prompt=PROMPT, image=draw(PROMPT, 3)))
+    assert short.logprobs and 0.97 < short.score < 0.98
+    assert right.answers[0].raw == ["Yes"] and wrong.answers[0].raw == ["No"]
+    stats = judge.stats()
+    assert stats["questions"] == 2 and stats["reasks"] == 0 and stats["api_errors"] == 0
+    with pytest.raises(ValueError, match="cannot decode"):
+        judge.align(AlignRequest(prompt=PROMPT, image=b"\x89PNG\r\n\x1a\n" + b"0" * 20))
+
+
+@pytest.mark.parametrize("structured", ["json_schema", "vllm", "none"])
+def test_align_without_logprobs(vlm, structured):
+    # Not asked for (cfg.logprobs off): the answer is constrained and read from its text.
+    judge = embedded(vlm.url, logprobs=False, structured=structured)
+    right = judge.align(AlignRequest(prompt=PROMPT, image=draw(PROMPT, 3)))
+    wrong = judge.align(AlignRequest(prompt=PROMPT, image=draw(WRONG, 3)))
+    assert (right.score, wrong.score) == (1.0, 0.0) and not right.logprobs and not right.answers[0].from_logprobs
+    if structured == "json_schema":
+        assert right.answers[0].raw == ['{"answer": "Yes"}']
+
+
+def test_align_server_without_logprobs():
+    # Asked for, but the server sends none (logprobs: null): p_yes from the text.
+    with EmbeddedVLMThread(JudgeTemplates(), EmbeddedVLMConfig(logprobs=False)) as url:
+        out = embedded(url).align(AlignRequest(prompt=PROMPT, image=draw(PROMPT, 3)))
+    assert out.score == 1.0 and out.logprobs is False and out.answers[0].from_logprobs is False
+
+
+def test_questions_then_align(vlm):
+    judge = embedded(vlm.url)
+    qs = judge.questions(QuestionsRequest(prompt="A red square and a blue triangle.", n=8))
+    assert qs.questions == make_backend(JudgeConfig()).questions(
+        QuestionsRequest(prompt="a red square and a blue triangle", n=8)).questions
+    assert len(qs.questions) == 5 and not qs.rejected and len(qs.raw) == 1
+    good, bad = draw("a red square and a blue triangle", 1), draw("a blue square and a red triangle", 1)
+    a = judge.align(AlignRequest(prompt="a red square and a blue triangle", image=good, questions=qs.questions))
+    b = judge.align(AlignRequest(prompt="a red square and a blue triangle", image=bad, questions=qs.questions))
+    assert a.method == "questions" and a.logprobs and len(a.answers) == 5
+    assert a.score == pytest.approx(0.97) and b.score < a.score - 0.3
+    assert [x.raw[0] for x in b.answers].count("No") == 2
+    scene = make_backend(JudgeConfig()).align(AlignRequest(prompt="a red square and a blue triangle", image=bad,
+                                                           questions=qs.questions))
+    assert scene.method == "questions" and [x.p_yes == 1.0 for x in scene.answers] == \
+        [x.raw[0] == "Yes" for x in b.answers]
+    assert judge.questions(QuestionsRequest(prompt="three circles", n=1)).questions == \
+        ["Are there exactly three circles?"]
+
+
+def test_align_and_questions_from_a_fallible_server(server):
+    judge = backend(server, max_reasks=2)
+    server.mode = "script"
+    server.script.extend(["Maybe.", "I can't tell", "Hard to say."])  # three unusable answers: no verdict
+    out = judge.align(AlignRequest(prompt=PROMPT, image=draw(PROMPT)))
+    assert out.score is None and out.answers[0].p_yes is None and len(out.answers[0].raw) == 3
+    assert "could not be used" in server.requests[-1]["messages"][-1]["content"]
+    server.script.extend(["Sure: yes.", "Yes, it does."])  # re-asked once, then usable
+    out = judge.align(AlignRequest(prompt=PROMPT, image=draw(PROMPT)))
+    assert out.score == 1.0 and not out.logprobs and out.answers[0].raw == ["Sure: yes.", "Yes, it does."]
+    assert server.requests[-1]["logprobs"] is True and server.requests[-1]["max_tokens"] <= 16
+    assert "response_format" not in server.requests[-1]  # no constraint beside logprobs
+    server.script.extend(["Yes", ("http", 401)])  # one answered, one API error: the mean of one
+    out = judge.align(AlignRequest(prompt=PROMPT, image=draw(PROMPT), questions=["Is there a square?", "Q2?"]))
+    assert out.score == 1.0 and sorted(a.p_yes is None for a in out.answers) == [False, True]
+    assert judge.stats()["api_errors"] == 1
+
+    server.script.extend(['["Is there a square", "A red circle.", 7, "Is there a square?"',  # truncated
+                          '{"questions": ["Is the square left of the circle?", "Is there a square"]}'])
+    qs = judge.questions(QuestionsRequest(prompt=PROMPT, n=3))
+    assert qs.questions == ["Is there a square?", "Is the square left of the circle?"] and len(qs.raw) == 2
+    whys = " ".join(r.why for r in qs.rejected)
+    assert "not a yes/no question" in whys and "duplicate" in whys
+    schema = server.requests[-1]["response_format"]["json_schema"]["schema"]["properties"]["questions"]
+    assert (schema["minItems"], schema["maxItems"]) == (1, 3)
+    server.script.extend(["I refuse."] * 3)
+    assert judge.questions(QuestionsRequest(prompt=PROMPT, n=3)).questions == []
+
+
+# -- the loop's duties in free text, against the embedded VLM ------------------------------------
+def test_discriminate_expand_mutate_free_text(vlm):
+    judge = embedded(vlm.url, grammar_check=False, order="both")
+    reqs = [request(draw(WRONG, i), {"aurora": draw(WRONG, 50 + i), "brush": draw(PROMPT, 80 + i)}) for i in range(4)]
+    reqs += [request(draw(PROMPT, i), {"aurora": draw(WRONG, 60 + i)}) for i in range(4)]
+    verdicts = judge.discriminate(reqs)
+    assert all(v.decided for v in verdicts)  # both orders agree: the VLM is not position-biased
+    assert [v.best_teacher for v in verdicts[:4]] == ["brush"] * 4
+    assert [v.student_matches for v in verdicts] == [False] * 4 + [True] * 4
+
+    out = judge.expand(ExpandRequest(prompt="A photo of three circles.", k=3, avoid_prompts=["two circles"]))
+    assert len(out.variants) == 3 and not any(shapes.read(v).text == "two circles" for v in out.variants)
+    assert {shapes.read(v).category for v in out.variants} == {"counting"}
+    assert any(shapes.read(v).text != v for v in out.variants)  # kept as written: free text
+
+    out = judge.mutate(MutateRequest(avoid_prompts=["a red circle", "two squares", "a circle above a square"], n=4))
+    assert len(out.prompts) == 4
+    assert not {shapes.read(p).category for p in out.prompts} & {"colors", "counting", "position"}
+
+
+def test_grammar_check_on_keeps_grammar_form(vlm):
+    # The strict grammar turns natural phrasing away ("a photo of ..."); re-asks fill the rest.
+    judge = embedded(vlm.url, grammar_check=True, max_reasks=4)
+    out = judge.expand(ExpandRequest(prompt="a red circle", k=3))
+    assert len(out.variants) == 3 and all(shapes.parse(v).category == "colors" for v in out.variants)
+    assert any("grammar" in r.why for r in out.rejected) and len(out.raw) > 1
+
+
+# -- agreement with the exact scorer --------------------------------------------------------------
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_vqascore_ranks_teachers_as_the_scene_scorer(noise):
+    """Held-out prompts drawn by teachers of growing flaw rates: the mean VQAScore
+    (embedded VLM, through the judge's client) ranks them as the scene scorer's
+    accuracy, also when the VLM answers wrongly one time in ten."""
+    prompts = shapes.heldout_prompts(4, seed=11)
+    profiles = {"clean": FlawProfile(), "some": FlawProfile(count=0.3, color=0.3, relation=0.3, shape=0.15),
+                "many": FlawProfile(count=0.8, color=0.8, relation=0.8, shape=0.5)}
+    accuracy, vqa = {}, {}
+    with EmbeddedVLMThread(JudgeTemplates(), EmbeddedVLMConfig(noise=noise, seed=3)) as url, \
+            ThreadPoolExecutor(4) as pool:
+        judge = embedded(url)
+        for name, flaws in profiles.items():
+            images = [shapes.to_png(shapes.teacher_render(p, i, 32, flaws, teacher_seed=7)[0])
+                      for i, p in enumerate(prompts)]
+            accuracy[name] = shapes.score(prompts, images).overall
+            scores = list(pool.map(lambda p, img: judge.align(AlignRequest(prompt=p.text, image=img)).score,
+                                   prompts, images))
+            vqa[name] = sum(scores) / len(scores)
+    order = sorted(profiles, key=lambda n: -accuracy[n])
+    print("accuracy", accuracy, "vqascore", vqa)
+    assert order == ["clean", "some", "many"] and len(set(accuracy.values())) == 3, accuracy
+    assert sorted(profiles, key=lambda n: -vqa[n]) == order, (accuracy, vqa)

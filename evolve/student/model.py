@@ -199,6 +199,9 @@ class Student(_Pretrained):
     def __init__(self, config: StudentConfig, tokenizer=None):
         super().__init__()
         self.config = config
+        if config.caption_channels is not None or config.latent_channels is not None:
+            raise ValueError("Student runs pixel-space configs with its own text encoder; a config with "
+                             "latent_channels / caption_channels is a LatentStudent's")
         if tokenizer is None:
             if config.vocabulary is None:
                 raise ValueError("a pixel-space Student builds its tokenizer from StudentConfig.vocabulary "
@@ -207,9 +210,6 @@ class Student(_Pretrained):
         self.tokenizer = tokenizer
         if len(self.tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, config.vocab_size is {config.vocab_size}")
-        if config.caption_channels is not None or config.latent_channels is not None:
-            raise ValueError("Student runs pixel-space configs with its own text encoder; a config with "
-                             "latent_channels / caption_channels is a LatentStudent's")
         self.text = TextEncoder(config.vocab_size, config.text_dim, config.text_layers,
                                 config.text_heads, config.max_tokens)
         self.denoiser = build_denoiser(config)
