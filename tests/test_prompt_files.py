@@ -17,7 +17,8 @@ from evolve.prompts import FilePrompt, PromptFileError, PromptsWorld, load_promp
 from evolve.seeds import stable_seed
 from evolve.shapes.grammar import CATEGORIES
 from evolve.shapes.reading import read
-from evolve.world import HeldoutPrompt, WorldPrompt, make_world
+from evolve.world import HeldoutPrompt, WorldPrompt
+from evolve.worlds import make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_FILE = ROOT / "configs" / "prompts" / "free-text-seed.jsonl"
