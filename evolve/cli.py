@@ -61,6 +61,8 @@ def run(
     serve_port: Optional[int] = typer.Option(None, help="Serve HTTP port on 127.0.0.1"),
     serve_edgen: bool = typer.Option(False, "--serve-edgen",
                                      help="serve the student at http://127.0.0.1:PORT/edgen/v1 during the run"),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="show Ray's output here too (otherwise it goes to RUN/logs/ray.log)"),
 ):
     """Run EvolveDirector: rounds of train, judge, evolve.
 
@@ -68,10 +70,13 @@ def run(
     budget, Ctrl-C or SIGTERM, writing the report every time; run it again on
     the same folder (or --resume it) to continue where it stopped."""
     import signal
+    import traceback
 
     from evolve.cluster import cluster_parts
+    from evolve.logs import RunLogs
     from evolve.loop import prepare, run as run_loop
-    from evolve.ray_env import connect
+    from evolve.progress import Progress
+    from evolve.ray_env import connect, dashboard_url, session_logs
 
     if resume is not None:
         if config is not None or run_dir is not None:
@@ -91,11 +96,39 @@ def run(
     def _interrupt(signum, frame):  # `ray job stop` sends SIGTERM: stop like Ctrl-C, with a report
         raise KeyboardInterrupt
 
-    connect()
-    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own (a bare exit)
-    typer.echo(f"run folder: {ready.folder.root}")
-    with cluster_parts(ready.cfg, ready.folder, ready.init, ready.world) as parts:
-        report = run_loop(ready.cfg, parts, ready.folder, ready.init, ready.heldout, typer.echo)
+    import ray
+
+    cfg, folder = ready.cfg, ready.folder
+    logs = RunLogs(folder.logs, verbose=verbose)
+    try:
+        with logs:
+            # Verbose: Ray's lines would cut through a live line, so plain lines only.
+            with Progress(cfg.rounds, cfg.max_wall_s, stream=logs.err, live=False if verbose else None) as progress:
+                said = progress.log_handler()
+                if not verbose:  # the run's own warnings stay on the terminal (and in the log)
+                    logging.getLogger("evolve").addHandler(said)
+                progress.say(f"run folder: {folder.root}" + (f"  (Ray's output: {logs.path})" if logs.path else ""))
+                try:
+                    with progress.phase("starting Ray"):
+                        connect()
+                    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own (a bare exit)
+                    print(f"Ray's own logs, per process: {session_logs()}")  # into ray.log, unless verbose
+                    if dashboard_url():
+                        progress.say(f"Ray dashboard: {dashboard_url()}")
+                    with contextlib.ExitStack() as stack:
+                        with progress.phase("starting the teachers, judge and trainer"):
+                            parts = stack.enter_context(cluster_parts(cfg, folder, ready.init, ready.world))
+                        report = run_loop(cfg, parts, folder, ready.init, ready.heldout, progress)
+                finally:
+                    # Inside `logs`: shutdown prints the forwarded lines Ray held back.
+                    ray.shutdown()
+                    logging.getLogger("evolve").removeHandler(said)
+    except Exception:
+        traceback.print_exc()  # to the terminal: the streams are back
+        if logs.path:
+            typer.secho(f"the run stopped on an error; Ray's side of it is in {logs.path}", fg=typer.colors.RED,
+                        err=True)
+        raise typer.Exit(1)
     typer.echo(json.dumps({"final_heldout": report["student"]["final"]["overall"],
                            "wall_s": report["wall_s"], "stopped": report.get("stopped")}))
     if report.get("stopped") == "interrupted":

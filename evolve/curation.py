@@ -49,7 +49,7 @@ class Phases:
     @contextlib.contextmanager
     def __call__(self, name: str):
         t = time.perf_counter()
-        with self.show(name) if self.show is not None else contextlib.nullcontext():
+        with self.show(name.removesuffix("_s")) if self.show is not None else contextlib.nullcontext():
             try:
                 yield
             finally:

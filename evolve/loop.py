@@ -95,23 +95,27 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
     try:
         # The seed set: every teacher draws each seed prompt, the judge keeps the best image.
         if versions.latest() is None:
-            seed_set(cfg, curator, versions, folder, say)
+            with progress.phase("seed set"):
+                seed_set(cfg, curator, versions, folder, say)
         # The student before any round.
         if not folder.baseline.exists():
-            with phases("heldout_s"):
+            with progress.phase("scoring the start"):
                 acc = evaluator.student(init, "init")
             write_json_atomic(folder.baseline, {"heldout": acc})
             say(f"start: held-out {describe(acc)}")
+            progress.update(heldout=brief(acc))
         phases.take()
         if start < cfg.rounds or not folder.final_stats(cfg.rounds).exists():
-            trainer.publish(start, versions.read(start))
+            with progress.phase("starting training"):
+                trainer.publish(start, versions.read(start))
+        progress.start(min(start, cfg.rounds))
         for rnd in range(start, cfg.rounds):
             t = time.time()
             records = versions.read(rnd)
             # 1. Weights: the student after steps_per_round steps on this version.
-            snap = trainer.weights_after(rnd, cfg.train.steps_per_round, folder.checkpoint(rnd))
+            with progress.phase("training"):
+                snap = trainer.weights_after(rnd, cfg.train.steps_per_round, folder.checkpoint(rnd))
             ckpt, waited = str(folder.checkpoint(rnd)), time.time() - t
-            progress.update(round=rnd)
             # 2. Held-out: how good it is now.
             with phases("heldout_s"):
                 acc = evaluator.student(ckpt, rnd)
@@ -133,7 +137,8 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
             say(f"round {rnd}: held-out {describe(acc)}  student wins {stats.student_win_rate:.0%}  dataset "
                 f"{len(records)} -> +{len(added)} -{len(plan.delete_ids)}  bought {row['images_bought']}  "
                 f"spend ${sum(row['spend'].values()):.2f}  ({row['round_s']:.0f} s)")
-            progress.update(round=rnd + 1, heldout=acc["overall"], spend=sum(row["spend"].values()))
+            progress.update(round=rnd + 1, heldout=brief(acc), spend=sum(row["spend"].values()),
+                            images=row["images_bought"])
             reason = stop_reason(cfg, curator, acc, t0)
             if reason is not None and rnd + 1 < cfg.rounds:
                 stop = reason
@@ -141,7 +146,8 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
                 break
         # The final student: trained on the last evolved version too, then scored.
         if stop == "rounds":
-            final = final_student(cfg, trainer, evaluator, folder, say)
+            with progress.phase("final student"):
+                final = final_student(cfg, trainer, evaluator, folder, say)
     except KeyboardInterrupt:
         # Ctrl-C (or SIGTERM from `ray job stop`): what is finished is on disk. The
         # round in flight is redone by a resumed run (its purchases are in the
@@ -150,7 +156,8 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
         say("interrupted: writing the report of the finished rounds (resume with --resume)")
     trainer_summary(trainer, folder, say)
     trainer.close()
-    return final_report(cfg, parts, evaluator, folder, time.time() - t0, final, stop, say)
+    with progress.phase("report"):
+        return final_report(cfg, parts, evaluator, folder, time.time() - t0, final, stop, say)
 
 
 # --------------------------------------------------------------------------- before the rounds
@@ -178,6 +185,12 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, str | None, World]:
     student = cfg.student
     if init is not None:  # the architecture is the checkpoint's, whatever the config says
         student = StudentConfig.model_validate_json(Path(init, "config.json").read_text())
+        if not student.is_latent and student.vocabulary is None and Path(init, "tokenizer.json").exists():
+            # The workers build the student before loading its weights: with the checkpoint's words.
+            from evolve.student.text import checkpoint_words
+
+            student = StudentConfig.model_validate({**student.model_dump(),
+                                                    "vocabulary": checkpoint_words(Path(init, "tokenizer.json"))})
     world = make_world(cfg.world)
     if init is None and not student.is_latent and student.vocabulary is None:
         words = world.vocabulary()
@@ -238,6 +251,11 @@ def describe(acc: dict) -> str:
     for t, w in (acc.get("win_rate") or {}).items():
         parts.append(f"vs {t} {'-' if w['rate'] is None else format(w['rate'], '.0%')}")
     return ", ".join(parts) or f"{acc['overall']:.2f}"
+
+
+def brief(acc: dict) -> float | str:
+    """The held-out figure for a status line: an accuracy, or the VLM's alignment in words."""
+    return f"alignment {acc['overall']:.2f}" if acc.get("metric") == "vlm" else acc["overall"]
 
 
 def round_row(rnd, records, plan, stats, added, acc, curator: Curator, parts: Parts, phases: dict,
@@ -342,6 +360,9 @@ class Lines:
         return contextlib.nullcontext()
 
     def update(self, **fields) -> None:
+        pass
+
+    def start(self, done: int = 0) -> None:
         pass
 
     def close(self) -> None:

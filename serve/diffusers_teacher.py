@@ -36,10 +36,12 @@ size, which can move a pixel by one level now and then, on GPUs especially).
 The pipeline runs in a thread, one batch at a time (a pipeline and its
 scheduler are not thread-safe), so the replica keeps accepting requests.
 
-Errors are OpenAI-shaped (`serve.edgen.ApiError`): 400 bad JSON / field /
-size / n / prompt / steps / guidance, 401 wrong bearer token, 404 unknown
-model, 413 body too big, 422 reused Idempotency-Key, 500 when the pipeline
-fails (the message names no internals; the replica log has the traceback).
+Requests, auth and errors are checked and shaped by serve/openai_images.py,
+as Edgen's are; size and sampling limits are this server's. Errors are
+OpenAI-shaped (`ApiError`): 400 bad JSON / field / size / n / prompt / steps /
+guidance, 401 wrong bearer token, 404 unknown model, 413 body too big, 422
+reused Idempotency-Key, 500 when the pipeline fails (the message names no
+internals; the replica log has the traceback).
 
 The idempotency memory is an LRU in each replica: with several replicas a
 replayed key may reach another one, which draws again (the same seed gives
@@ -51,10 +53,10 @@ replicas by value, and FastAPI must see `Request` as a type, not a name.)
 
 
 import asyncio
-import base64
 import inspect
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -62,22 +64,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from evolve.config import _Strict
-from serve.edgen import ApiError, Edgen, ImagesRequest, model_list, parse_images_request
+from serve.openai_images import (ApiError, ImagesPolicy, ImagesRequest, check_bearer, image_seeds, images_response,
+                                 model_list, parse_images_request, read_body)
 
 app = FastAPI(title="Diffusers teacher", docs_url=None, redoc_url=None)
 log = logging.getLogger("ray.serve")
 
-# Edgen's request checks that fit any server are borrowed as they are: they
-# only read `self.cfg.api_key_env` / `self.cfg.max_body_bytes`, which this
-# config has too, and the body checks are `parse_images_request`. Edgen's size,
-# grammar and sampling checks do not fit: they allow the student's one size,
-# the shapes grammar and a guidance of at least 1 (FLUX-schnell and other
-# distilled pipelines run at 0).
-_EdgenImpl = Edgen.func_or_class
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
 
 # Keys this server sets on every pipeline call: `extra_call_kwargs` may not override them.
 RESERVED_CALL_KWARGS = frozenset({"prompt", "height", "width", "num_inference_steps", "guidance_scale",
@@ -238,25 +238,26 @@ class DiffusersTeacher:
     async def generations(self, request: Request):
         try:
             self._authorize(request)
-            req = self._parse(await self._body(request))
+            req = self._parse(await read_body(request.headers.get("content-length"), request.body,
+                                              self.cfg.max_body_bytes))
             size, steps, guidance = self._settings(req)
             key = request.headers.get("idempotency-key")
             if key:
                 return await self._replayable(key, req, size, steps, guidance)
             return await self._answer(req, size, steps, guidance)
         except ApiError as e:
-            return e.response()
+            return error_response(e)
         except Exception:  # noqa: BLE001 - a client sees a 500, the replica log the traceback
             log.exception("image generation failed")
-            return ApiError(500, "image generation failed on the server", code="generation_failed",
-                            kind="server_error").response()
+            return error_response(ApiError(500, "image generation failed on the server", code="generation_failed",
+                                           type="server_error"))
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         try:
             self._authorize(request)
         except ApiError as e:
-            return e.response()
+            return error_response(e)
         return model_list(self.cfg.model_name, self.created)
 
     @app.get("/health")
@@ -269,13 +270,17 @@ class DiffusersTeacher:
         return {"model": self.cfg.model_name, "pipeline": self.pipeline_class, "device": self.device,
                 "dtype": self.dtype, "sizes": self.cfg.sizes, **self.stats}
 
-    # -- checks --------------------------------------------------------------------
-    _authorize = _EdgenImpl._authorize
-    _body = _EdgenImpl._body
-    _seeds = staticmethod(_EdgenImpl._seeds)
+    # -- checks: OpenAI's (serve/openai_images.py); size and sampling limits: this pipeline's
+    def _authorize(self, request: Request) -> None:
+        if self.cfg.api_key_env:  # "" when the variable is unset: check_bearer's 500
+            check_bearer(request.headers.get("authorization"), os.environ.get(self.cfg.api_key_env, ""))
+
+    _seeds = staticmethod(image_seeds)  # seed + i; random when absent
 
     def _parse(self, body: bytes) -> ImagesRequest:
-        return parse_images_request(body, self.cfg.model_name, self.cfg.max_n, self.cfg.max_prompt_chars)
+        cfg = self.cfg
+        return parse_images_request(body, ImagesPolicy(cfg.model_name, max_n=cfg.max_n,
+                                                       max_prompt_chars=cfg.max_prompt_chars))
 
     def _settings(self, req: ImagesRequest) -> tuple[int, int, float]:
         """(size, steps, guidance) of a parsed request, defaults filled in and limits checked."""
@@ -286,16 +291,16 @@ class DiffusersTeacher:
             w, _, h = req.size.partition("x")
             if not (w == h and w.isdigit() and int(w) in cfg.sizes):
                 raise ApiError(400, f"size {req.size!r} is not served; sizes: {[f'{s}x{s}' for s in cfg.sizes]}",
-                               "size")
+                               "size", "invalid_value")
             size = int(w)
         steps = cfg.default_steps if req.num_inference_steps is None else req.num_inference_steps
         guidance = cfg.default_guidance if req.guidance_scale is None else req.guidance_scale
         if not 1 <= steps <= cfg.max_steps:
             raise ApiError(400, f"num_inference_steps must be 1 to {cfg.max_steps}, not {steps}",
-                           "num_inference_steps")
+                           "num_inference_steps", "invalid_value")
         if not 0 <= guidance <= cfg.max_guidance:
             raise ApiError(400, f"guidance_scale must be 0 to {cfg.max_guidance}, not {guidance}",
-                           "guidance_scale")
+                           "guidance_scale", "invalid_value")
         return size, steps, float(guidance)
 
     # -- answers -------------------------------------------------------------------
@@ -304,8 +309,7 @@ class DiffusersTeacher:
                                       for seed in self._seeds(req)])
         self.stats["requests"] += 1
         self.stats["images"] += len(pngs)
-        return {"created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(p).decode(), "revised_prompt": None} for p in pngs]}
+        return images_response(pngs, extra_per_image=[{"revised_prompt": None}] * len(pngs))
 
     async def _replayable(self, key: str, req: ImagesRequest, size: int, steps: int, guidance: float) -> dict:
         """The answer for an Idempotency-Key: the first call's, for every repeat

@@ -17,9 +17,16 @@ Hot reload (`watch_dir`): the replicas serve the newest complete checkpoint
 in a folder (e.g. a running job's `checkpoints/`) and switch when a newer one
 appears, without dropping a request.
 
+The model sits (and samples) on the replica's GPU when it has one
+(`num_gpus`), on its CPU otherwise. Prompts are screened by the shapes grammar
+(`grammar_check`) when set so, or, left None, when the loaded checkpoint's
+`world.json` says `{"kind": "shapes"}` (decided again at each hot reload; no
+world.json: any prompt goes, as for a student of an unknown world).
+
 Images of concurrent requests are sampled together (`@serve.batch`), grouped by
 (steps, guidance, size) inside a batch; an image depends only on its prompt and seed,
-never on the batch it was drawn in. Errors are OpenAI-shaped JSON
+never on the batch it was drawn in. Requests, auth and errors are the OpenAI
+Images API's as serve/openai_images.py checks and shapes them: OpenAI-shaped JSON
 (`{"error": {"message", "type", "param", "code"}}`) with 4xx codes that name the
 problem; nothing internal (no stack trace) reaches a client.
 
@@ -29,95 +36,27 @@ its replicas by value, and FastAPI must see `Request` as a type, not a name.)
 
 
 import asyncio
-import base64
-import hmac
 import json
 import logging
 import os
-import random
 import threading
 import time
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from evolve.config import EdgenServeConfig
+from serve.openai_images import (ApiError, ImagesPolicy, ImagesRequest, check_bearer, image_seeds, images_response,
+                                 model_list, parse_images_request, read_body)
 
 app = FastAPI(title="Edgen", docs_url=None, redoc_url=None)
 log = logging.getLogger("ray.serve")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-
-class ImagesRequest(BaseModel):
-    """The OpenAI Images generation request, plus Edgen's documented extras."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    model: str | None = None
-    n: int = 1
-    size: str | None = None
-    response_format: Literal["b64_json"] = "b64_json"
-    seed: int | None = Field(None, ge=0, lt=2**31)
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    user: str | None = None  # accepted and ignored, as OpenAI's
-
-
-def _first_error(e: ValidationError) -> ApiError:
-    err = e.errors()[0]
-    param = ".".join(str(x) for x in err["loc"]) or None
-    if err["type"] == "extra_forbidden":
-        return ApiError(400, f"unknown field {param!r}", param, "unknown_parameter")
-    if param == "response_format":
-        return ApiError(400, "response_format must be 'b64_json' (this server keeps no image URLs)", param)
-    return ApiError(400, f"{param}: {err['msg']}", param, "invalid_value")
-
-
-def model_list(model_id: str, created: int) -> dict:
-    """The OpenAI `GET /v1/models` answer for a server of one model."""
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                        "owned_by": "evolve-director"}]}
-
-
-def parse_images_request(body: bytes, model_name: str, max_n: int, max_prompt_chars: int) -> ImagesRequest:
-    """An OpenAI Images request body, checked as every server here checks it: JSON
-    object, known fields, a non-empty prompt within `max_prompt_chars` (stripped),
-    the served model (or none named), 1 <= n <= max_n. Errors are `ApiError`s."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    try:
-        req = ImagesRequest.model_validate(data)
-    except ValidationError as e:
-        raise _first_error(e) from None
-    prompt = req.prompt.strip()
-    if not prompt:
-        raise ApiError(400, "prompt is empty", "prompt")
-    if len(prompt) > max_prompt_chars:
-        raise ApiError(400, f"prompt is {len(prompt)} characters, over {max_prompt_chars}", "prompt")
-    if req.model not in (None, model_name):
-        raise ApiError(404, f"model {req.model!r} is not served here (this is {model_name!r})",
-                       "model", "model_not_found")
-    if not 1 <= req.n <= max_n:
-        raise ApiError(400, f"n must be 1 to {max_n}, not {req.n}", "n")
-    return req.model_copy(update={"prompt": prompt})
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
 
 
 def served_sizes(student_config) -> dict[str, tuple[int, int]]:
@@ -134,7 +73,7 @@ def served_sizes(student_config) -> dict[str, tuple[int, int]]:
 
 
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
-    from evolve.driver import BASE_CHECKPOINT
+    from evolve.student.generate import BASE_CHECKPOINT
 
     path = Path(checkpoint) if checkpoint is not None else BASE_CHECKPOINT
     if not (path / "config.json").exists():
@@ -152,18 +91,40 @@ def newest_checkpoint(folder: Path | None) -> Path | None:
     return max(done, key=lambda p: (p.stat().st_mtime, p.name)).resolve() if done else None
 
 
+def world_kind(checkpoint: Path | str) -> str | None:
+    """The world a checkpoint's student learnt: `kind` in its folder's world.json
+    (`{"kind": "shapes"}`), None where there is none; ValueError for a broken one."""
+    f = Path(checkpoint) / "world.json"
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if not isinstance(kind, str):
+        raise ValueError(f"{f} must be a JSON object with a string 'kind', e.g. {{\"kind\": \"shapes\"}}")
+    return kind
+
+
+def grammar_check_for(flag: bool | None, checkpoint: Path | str | None) -> bool:
+    """Whether prompts are screened by the shapes grammar: `flag` when set, else
+    iff the checkpoint's student learnt the shapes world (a student of another
+    or an unknown world takes any prompt)."""
+    if flag is not None:
+        return flag
+    return checkpoint is not None and world_kind(checkpoint) == "shapes"
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @serve.ingress(app)
 class Edgen:
     def __init__(self, cfg: EdgenServeConfig) -> None:
         import torch
 
-        from evolve.student.generate import load_student
-
         self.cfg = cfg
         torch.set_num_threads(cfg.torch_threads)
+        # The replica's GPU when it has one (a deployment with num_gpus), else the CPU.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.checkpoint = str(newest_checkpoint(cfg.watch_dir) or cfg.checkpoint or resolve_checkpoint(None))
-        self.student = load_student(self.checkpoint)
+        self.student, self.grammar_check = self._load(self.checkpoint)
         self.size = self.student.config.image_size
         self.created = int(time.time())
         self._sample_batch.set_max_batch_size(cfg.max_batch_size)
@@ -172,50 +133,62 @@ class Edgen:
         if cfg.watch_dir:
             threading.Thread(target=self._watch, name="edgen-hot-reload", daemon=True).start()
 
-    def _watch(self) -> None:
-        """Hot reload (a thread): load the newest checkpoint beside the running
-        model, then swap the reference; batches already running finish on the
-        old one, so no request is dropped or sees a half-loaded model."""
+    def _load(self, path: Path | str):
+        """(the student on this replica's device, whether its prompts are grammar-checked)."""
         from evolve.student.generate import load_student
 
+        grammar = grammar_check_for(self.cfg.grammar_check, path)  # first: a broken world.json loads nothing
+        # load_student caches the module: .to() moves the cached one, which is
+        # only this replica's (one process, one device).
+        return load_student(path).to(self.device), grammar
+
+    def _watch(self) -> None:
+        """Hot reload (a thread): every `watch_every_s`, `_reload`."""
         while True:
             time.sleep(self.cfg.watch_every_s)
             try:
-                path = newest_checkpoint(self.cfg.watch_dir)
-                if path is None or str(path) == self.checkpoint:
-                    continue
-                student = load_student(path)
-                if student.config.image_size != self.size:
-                    raise ValueError(f"{path} draws {student.config.image_size}px, this server {self.size}px")
-                self.student, self.checkpoint = student, str(path)
-                self.stats["reloads"] += 1
+                self._reload()
             except Exception as e:  # noqa: BLE001 - keep serving the model we have
                 log.warning("hot reload skipped: %s", e)
+
+    def _reload(self) -> bool:
+        """Switch to the newest checkpoint in `watch_dir` if it is another; whether
+        it did. The new model is loaded beside the running one, then the
+        reference swapped: batches already running finish on the old one, so
+        no request is dropped or sees a half-loaded model."""
+        path = newest_checkpoint(self.cfg.watch_dir)
+        if path is None or str(path) == self.checkpoint:
+            return False
+        student, grammar = self._load(path)
+        if student.config.image_size != self.size:
+            raise ValueError(f"{path} draws {student.config.image_size}px, this server {self.size}px")
+        self.student, self.grammar_check, self.checkpoint = student, grammar, str(path)
+        self.stats["reloads"] += 1
+        return True
 
     # -- routes --------------------------------------------------------------------
     @app.post("/v1/images/generations")
     async def generations(self, request: Request):
         try:
             self._authorize(request)
-            req = self._parse(await self._body(request))
-            seeds = self._seeds(req)
+            req = self._parse(await read_body(request.headers.get("content-length"), request.body,
+                                              self.cfg.max_body_bytes))
             steps, guidance = self._sampling(req)
             size = self._size(req)
             pngs = await asyncio.gather(*[self._sample_batch((req.prompt, s, steps, guidance, size))
-                                          for s in seeds])
+                                          for s in self._seeds(req)])
         except ApiError as e:
-            return e.response()
+            return error_response(e)
         self.stats["requests"] += 1
         self.stats["images"] += len(pngs)
-        return {"created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(p).decode(), "revised_prompt": None} for p in pngs]}
+        return images_response(pngs, extra_per_image=[{"revised_prompt": None}] * len(pngs))
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         try:
             self._authorize(request)
         except ApiError as e:
-            return e.response()
+            return error_response(e)
         return model_list(self.cfg.model_name, self.created)
 
     @app.get("/generate")
@@ -226,49 +199,34 @@ class Edgen:
             steps, guidance = self._sampling(req)
             png = await self._sample_batch((req.prompt, req.seed, steps, guidance, self._size(req)))
         except ApiError as e:
-            return e.response()
+            return error_response(e)
         return Response(content=png, media_type="image/png")
 
     async def info(self) -> dict:
-        """For tests and the CLI: what is served and how it has been batched."""
-        return {"checkpoint": self.checkpoint, "size": self.size, **self.stats}
+        """For tests and the CLI: what is served, where, and how it has been batched."""
+        return {"checkpoint": self.checkpoint, "size": self.size, "device": self.device,
+                "grammar_check": self.grammar_check, **self.stats}
 
     # -- checks --------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
-        if not self.cfg.api_key_env:
-            return
-        token = os.environ.get(self.cfg.api_key_env)
-        if not token:
-            raise ApiError(500, "the server's API key is not configured", kind="server_error")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ApiError(401, "missing or wrong bearer token", code="invalid_api_key",
-                           kind="authentication_error")
-
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
-            raise ApiError(413, f"request body over {self.cfg.max_body_bytes} bytes")
-        body = await request.body()
-        if len(body) > self.cfg.max_body_bytes:
-            raise ApiError(413, f"request body over {self.cfg.max_body_bytes} bytes")
-        return body
+        if self.cfg.api_key_env:  # "" when the variable is unset: check_bearer's 500
+            check_bearer(request.headers.get("authorization"), os.environ.get(self.cfg.api_key_env, ""))
 
     def _parse(self, body: bytes) -> ImagesRequest:
         cfg = self.cfg
-        req = parse_images_request(body, cfg.model_name, cfg.max_n, cfg.max_prompt_chars)
-        prompt = req.prompt
+        req = parse_images_request(body, ImagesPolicy(cfg.model_name, max_n=cfg.max_n,
+                                                      max_prompt_chars=cfg.max_prompt_chars))
         sizes = served_sizes(self.student.config)
         if req.size not in (None, *sizes):
-            raise ApiError(400, f"size {req.size!r} is not served; sizes: {list(sizes)}", "size")
-        if cfg.grammar_check:
-            from evolve.shapes.grammar import PromptError, parse
+            raise ApiError(400, f"size {req.size!r} is not served; sizes: {list(sizes)}", "size", "invalid_value")
+        if self.grammar_check:
+            from evolve.worlds import shapes_canonical
 
             try:
-                parse(prompt)
-            except PromptError as e:
+                shapes_canonical(req.prompt)
+            except ValueError as e:
                 raise ApiError(400, f"prompt outside the shapes world: {e}", "prompt", "invalid_prompt") from None
-        return req.model_copy(update={"prompt": prompt})
+        return req
 
     def _sampling(self, req: ImagesRequest) -> tuple[int, float]:
         cfg = self.cfg
@@ -276,20 +234,17 @@ class Edgen:
         guidance = cfg.default_guidance if req.guidance_scale is None else req.guidance_scale
         if not 1 <= steps <= cfg.max_steps:
             raise ApiError(400, f"num_inference_steps must be 1 to {cfg.max_steps}, not {steps}",
-                           "num_inference_steps")
+                           "num_inference_steps", "invalid_value")
         if not 1.0 <= guidance <= cfg.max_guidance:
             raise ApiError(400, f"guidance_scale must be 1 to {cfg.max_guidance}, not {guidance}",
-                           "guidance_scale")
+                           "guidance_scale", "invalid_value")
         return steps, float(guidance)
 
     def _size(self, req: ImagesRequest) -> tuple[int, int]:
         """(height, width) of the request's images (checked by _parse)."""
         return served_sizes(self.student.config)[req.size] if req.size else (self.size, self.size)
 
-    @staticmethod
-    def _seeds(req: ImagesRequest) -> list[int]:
-        base = req.seed if req.seed is not None else random.randrange(2**31 - req.n)
-        return [base + i for i in range(req.n)]
+    _seeds = staticmethod(image_seeds)  # seed + i; random when absent
 
     # -- sampling ------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
@@ -302,7 +257,7 @@ class Edgen:
 
     def _sample_groups(self, items: list[tuple[str, int, int, float, tuple[int, int]]]) -> list[bytes]:
         from evolve.config import SampleConfig
-        from evolve.shapes.render import to_png
+        from evolve.images import to_png
         from evolve.student.diffusion import sample
 
         student = self.student  # one model for the whole batch, even across a hot reload

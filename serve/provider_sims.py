@@ -2,8 +2,12 @@
 
 Each speaks its provider's protocol as `actors/providers.py` expects it from
 the real service (paths, auth headers, job states, polling, error bodies in
-the provider's shape) and renders real pictures: shapes-world prompts are
-drawn with `evolve.shapes.render`, anything else becomes deterministic noise.
+the provider's shape) and renders real pictures: prompts that read as a
+shapes-world scene (`evolve.shapes.reading.read`: the grammar, and free text
+such as "A photo of a red circle.") are drawn with `evolve.shapes.render`,
+anything else becomes deterministic noise. The OpenAI simulator's error body,
+bearer token and answer come from serve/openai_images.py; what it accepts is
+its own (what OpenAI accepts, not what this project's servers do).
 
     kind       base_url       submit                                    then
     openai     <origin>/v1    POST /v1/images/generations               b64_json inline, or an expiring URL
@@ -53,8 +57,10 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from evolve.shapes.grammar import PromptError, parse
+from evolve.shapes.grammar import PromptError
+from evolve.shapes.reading import read
 from evolve.shapes.render import render, to_png
+from serve.openai_images import ApiError, bearer_token, images_response
 from serve.server_thread import ServerThread
 
 Key = tuple[str, int]
@@ -93,9 +99,11 @@ class SimKnobs:
 
 
 def draw_image(prompt: str, seed: int, side: int) -> bytes:
-    """A real picture of `prompt` (shapes-world) or deterministic blocky noise (any other text)."""
+    """A real picture of `prompt` where it reads as a shapes-world scene (free text
+    too, as `read` takes it: drawn as its canonical grammar text), else
+    deterministic blocky noise."""
     try:
-        return to_png(render(parse(prompt), seed, side))
+        return to_png(render(read(prompt), seed, side))
     except PromptError:
         digest = hashlib.sha256(f"{prompt}|{seed}|{side}".encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
@@ -377,8 +385,8 @@ class OpenAISim(_Sim):
               headers: Mapping[str, str] | None = None) -> web.Response:
         type_ = {401: "invalid_request_error", 429: "requests"}.get(status, "invalid_request_error"
                                                                    if status < 500 else "server_error")
-        return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                                 status=status, headers=headers)
+        return web.json_response(ApiError(status, message, param, code, type_).body(), status=status,
+                                 headers=headers)
 
     def expired_file(self) -> web.Response:
         # DALL-E URLs are Azure blob SAS links: an expired one is a 403 with an XML body.
@@ -390,8 +398,7 @@ class OpenAISim(_Sim):
         return "?se=expiry&sig=signature"
 
     async def generations(self, request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:] if auth.startswith("Bearer ") else None
+        given = bearer_token(request.headers.get("Authorization"))
         if not self.key_ok(given):
             return self.error(401, f"Incorrect API key provided{self.key_text(given)}. You can find your API key "
                               "at https://platform.openai.com/account/api-keys.", code="invalid_api_key")
@@ -457,14 +464,11 @@ class OpenAISim(_Sim):
     async def _draw(self, key: Key, prompt: str, seed: int, n: int, side: int, fmt: str) -> dict[str, Any]:
         await asyncio.sleep(self.k.job_s)
         self.charged[key] += 1
-        data = []
-        for i in range(n):
-            png, _ = self.image(prompt, seed + i, side)
-            if fmt == "b64_json":
-                data.append({"b64_json": base64.b64encode(png).decode("ascii")})
-            else:
-                data.append({"url": self.publish(png, self.now() + self.k.url_ttl_s, query=self.file_query())})
-        return {"created": int(time.time()), "data": data}
+        pngs = [self.image(prompt, seed + i, side)[0] for i in range(n)]
+        if fmt == "b64_json":
+            return images_response(pngs)
+        return {"created": int(time.time()), "data": [
+            {"url": self.publish(png, self.now() + self.k.url_ttl_s, query=self.file_query())} for png in pngs]}
 
 
 # -- Black Forest Labs --------------------------------------------------------------------------------

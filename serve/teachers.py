@@ -10,13 +10,24 @@ same protocol, throttling and failures as with a paid provider:
     GET  /health                 -> {"status": "ok"}
     GET  /stats                  -> request/status/concurrency counters (for tests and dashboards)
 
-`seed` and the per-image `flaws` list are extensions (OpenAI has neither), and
-so is `Idempotency-Key` (as payment APIs have it): a repeated key gets the
-first call's billed answer back, unbilled, so a client that died mid-call and
-asks again pays once.
-Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}:
-400 bad JSON / size / prompt outside the grammar, 401 wrong key, 404 unknown
-model, 429 above `server_rpm` (with Retry-After), 503 at `error_rate`.
+A prompt is read as free text (`evolve.shapes.reading.read`): grammar prompts
+("a red circle") and any text that reads as a shapes scene ("A photo of a red
+circle.", "a square to the left of a triangle") are drawn; text that does not
+is a 400 naming the prompt. The drawing is keyed by the scene's canonical
+(grammar) text, not its spelling: "A red circle." draws, with the same seed,
+the very image "a red circle" draws (and grammar prompts draw what they
+always did).
+
+`seed` (default 0) and the per-image `flaws` list are extensions (OpenAI has
+neither), and so is `Idempotency-Key` (as payment APIs have it): a repeated
+key gets the first call's billed answer back, unbilled, so a client that died
+mid-call and asks again pays once. Other clients' fields (quality, style,
+...) are ignored.
+Requests, auth and errors are checked and shaped by serve/openai_images.py;
+errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}:
+400 bad JSON / field / n / size / prompt that reads as no scene, 401 wrong
+key, 404 unknown model, 413 body over 64 KiB, 422 reused Idempotency-Key,
+429 above `server_rpm` (with Retry-After), 503 at `error_rate`.
 
 Ways to run them: `build_teacher_app` (one aiohttp app), `TeacherServers`
 (async, all teachers on free ports), `TeacherServersThread` (the same for
@@ -27,15 +38,11 @@ on the dashboard), and `serve_forever` (the `evolve teachers serve` CLI).
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
-import json
 import logging
 import math
 import os
 import random
 import socket
-import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -44,13 +51,17 @@ import ray
 from aiohttp import web
 
 from evolve.config import TeacherConfig
-from evolve.shapes.grammar import PromptError, parse
+from evolve.shapes.grammar import Prompt, PromptError
+from evolve.shapes.reading import read
 from evolve.shapes.render import teacher_render, to_png
+from serve.openai_images import (ApiError, ImagesPolicy, check_bearer, images_response, model_list,
+                                 parse_images_request, read_body)
 from serve.server_thread import ServerThread
 
 log = logging.getLogger(__name__)
 
 MAX_N = 10  # OpenAI's limit on images per request
+MAX_BODY_BYTES = 65536  # a request is a prompt and a few fields
 
 
 class _TeacherState:
@@ -97,35 +108,31 @@ class _TeacherState:
 _STATE = web.AppKey("teacher_state", _TeacherState)
 
 
-def _error(status: int, message: str, type_: str, code: str | None = None,
-           param: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+def _respond(e: ApiError) -> web.Response:
+    return web.json_response(e.body(), status=e.status, headers=e.headers or None)
 
 
-def _bad_request(message: str, param: str | None = None, code: str | None = None) -> web.Response:
-    return _error(400, message, "invalid_request_error", code, param)
+def _policy(cfg: TeacherConfig) -> ImagesPolicy:
+    """OpenAI's limits, `seed` the one extra (any integer: the renderer takes any),
+    and other clients' fields (quality, style, ...) ignored, not refused."""
+    return ImagesPolicy(cfg.name, aliases=(cfg.model,) if cfg.model else (), max_n=MAX_N,
+                        extras=frozenset({"seed"}), unknown_fields="ignore", seed_range=None)
 
 
 @web.middleware
 async def _auth_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     st = request.app[_STATE]
-    if request.path.startswith("/v1/") and st.api_key is not None:
-        auth = request.headers.get("Authorization", "")
-        given = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), st.api_key.encode()):
-            # Never echo the key back (OpenAI echoes a masked one; we echo nothing).
-            resp: web.StreamResponse = _error(401, "Incorrect API key provided.",
-                                              "invalid_request_error", "invalid_api_key")
-            st.statuses[resp.status] += 1
-            return resp
     try:
+        if request.path.startswith("/v1/"):
+            check_bearer(request.headers.get("Authorization"), st.api_key)
         resp = await handler(request)
-    except web.HTTPException as exc:  # aiohttp's own 404/405, answered in OpenAI's shape
-        resp = _error(exc.status, exc.reason, "invalid_request_error")
+    except ApiError as e:
+        resp = _respond(e)
+    except web.HTTPException as exc:  # aiohttp's own 404/405/413, answered in OpenAI's shape
+        resp = _respond(ApiError(exc.status, exc.reason))
     except Exception:
         log.exception("teacher %s: internal error", st.cfg.name)
-        resp = _error(500, "The server had an error processing your request.", "server_error")
+        resp = _respond(ApiError(500, "The server had an error processing your request.", type="server_error"))
     st.statuses[resp.status] += 1
     return resp
 
@@ -142,77 +149,58 @@ async def _generations(request: web.Request) -> web.Response:
 
 
 async def _generate(request: web.Request, st: _TeacherState) -> web.Response:
+    """Check (ApiErrors: the middleware answers them), then draw or replay."""
     cfg = st.cfg
     wait = st.admit(asyncio.get_running_loop().time())
     if wait is not None:
         headers = {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000))}
-        return _error(429, f"Rate limit reached for {cfg.name}: {cfg.server_rpm:g} requests per minute. "
-                      f"Please try again in {wait:.2f}s.", "requests", "rate_limit_exceeded",
-                      headers=headers)
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _bad_request(f"We could not parse the JSON body of your request: {exc}", code="invalid_json")
-    if not isinstance(body, dict):
-        return _bad_request("The request body must be a JSON object.", code="invalid_json")
-
-    model = body.get("model", cfg.name)
-    if model not in (cfg.name, cfg.model):
-        return _error(404, f"The model '{model}' does not exist; this server is '{cfg.name}'.",
-                      "invalid_request_error", "model_not_found", "model")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        return _bad_request("'prompt' must be a non-empty string.", "prompt")
-    n = body.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-        return _bad_request(f"'n' must be an integer from 1 to {MAX_N}, got {n!r}.", "n")
+        raise ApiError(429, f"Rate limit reached for {cfg.name}: {cfg.server_rpm:g} requests per minute. "
+                       f"Please try again in {wait:.2f}s.", code="rate_limit_exceeded", type="requests",
+                       headers=headers)
+    req = parse_images_request(await read_body(request.content_length, request.read, MAX_BODY_BYTES), _policy(cfg))
     want = f"{st.size}x{st.size}"
-    if body.get("size", want) != want:
-        return _bad_request(f"Invalid size {body.get('size')!r}: {cfg.name} draws {want}.", "size")
-    if body.get("response_format", "b64_json") != "b64_json":
-        return _bad_request("Only response_format 'b64_json' is supported.", "response_format")
-    seed = body.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        return _bad_request(f"'seed' must be an integer, got {seed!r}.", "seed")
+    if req.size not in (None, want):
+        raise ApiError(400, f"Invalid size {req.size!r}: {cfg.name} draws {want}.", "size", "invalid_value")
     try:
-        parsed = parse(prompt)
-    except PromptError as exc:
-        return _bad_request(f"Invalid prompt {prompt!r}: {exc}", "prompt", "invalid_prompt")
+        scene = read(req.prompt)
+    except PromptError as exc:  # its message names the prompt
+        raise ApiError(400, f"prompt outside the shapes world: {exc}", "prompt", "invalid_prompt") from None
+    seed, n = (req.seed if req.seed is not None else 0), req.n
 
     if cfg.error_rate and st.rng.random() < cfg.error_rate:
-        return _error(503, "The engine is currently overloaded, please try again later.",
-                      "server_error", "overloaded")
+        raise ApiError(503, "The engine is currently overloaded, please try again later.", code="overloaded",
+                       type="server_error")
     key = request.headers.get("Idempotency-Key")
     if key:
-        asked = (prompt, seed, n)
+        asked = (req.prompt, seed, n)
         seen = st.idempotent.get(key)
         if seen is not None:  # the same call again (a client restarted): the billed answer, free
             if seen[0] != asked:
-                return _error(422, "This Idempotency-Key was used with other parameters.",
-                              "invalid_request_error", "idempotency_key_reused")
+                raise ApiError(422, "This Idempotency-Key was used with other parameters.",
+                               code="idempotency_key_reused")
             st.replayed += 1
             return web.json_response(await asyncio.shield(seen[1]))
-        done = asyncio.ensure_future(_draw(st, parsed, seed, n))
+        done = asyncio.ensure_future(_draw(st, scene, seed, n))
         st.idempotent[key] = (asked, done)
         # Drawn to the end even if this client disconnects: it is billed either way.
         return web.json_response(await asyncio.shield(done))
-    return web.json_response(await _draw(st, parsed, seed, n))
+    return web.json_response(await _draw(st, scene, seed, n))
 
 
-async def _draw(st: _TeacherState, parsed: Any, seed: int, n: int) -> dict[str, Any]:
+async def _draw(st: _TeacherState, scene: Prompt, seed: int, n: int) -> dict[str, Any]:
     await asyncio.sleep(st.cfg.latency_s * n)  # drawing takes time, as a real model's would
-    data = []
+    pngs, flaws = [], []
     for i in range(n):
-        arr, fired = teacher_render(parsed, seed + i, st.size, st.cfg.flaws, st.cfg.seed)
-        data.append({"b64_json": base64.b64encode(to_png(arr)).decode("ascii"), "flaws": list(fired)})
+        # The scene's canonical text keys the drawing: every spelling of a scene draws the same image.
+        arr, fired = teacher_render(scene, seed + i, st.size, st.cfg.flaws, st.cfg.seed)
+        pngs.append(to_png(arr))
+        flaws.append({"flaws": list(fired)})
     st.images += n
-    return {"created": int(time.time()), "data": data}
+    return images_response(pngs, extra_per_image=flaws)
 
 
 async def _models(request: web.Request) -> web.Response:
-    cfg = request.app[_STATE].cfg
-    return web.json_response({"object": "list", "data": [
-        {"id": cfg.name, "object": "model", "created": 0, "owned_by": "evolve-director"}]})
+    return web.json_response(model_list(request.app[_STATE].cfg.name, 0))
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -15,16 +16,20 @@ import pytest
 
 from evolve.config import EdgenServeConfig
 from evolve.ray_env import free_port
-from serve.edgen import ApiError, Edgen
+from evolve.student.generate import BASE_CHECKPOINT
+from serve.edgen import ApiError, Edgen, error_response, grammar_check_for, world_kind
 
 Impl = Edgen.func_or_class  # the plain class behind the deployment
 
 
-def fake(cfg: EdgenServeConfig | None = None, student=None):
+def fake(cfg: EdgenServeConfig | None = None, student=None, checkpoint=BASE_CHECKPOINT):
+    """A replica's state without a replica: by default the shipped (shapes-world) base student's."""
     from evolve.config import StudentConfig
 
+    cfg = cfg or EdgenServeConfig()
     student = student or SimpleNamespace(config=StudentConfig())
-    return SimpleNamespace(cfg=cfg or EdgenServeConfig(), size=student.config.image_size, student=student)
+    return SimpleNamespace(cfg=cfg, size=student.config.image_size, student=student,
+                           grammar_check=grammar_check_for(cfg.grammar_check, checkpoint))
 
 
 def parse(body, cfg=None):
@@ -50,7 +55,7 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(body, status, words):
     with pytest.raises(ApiError) as e:
         parse(body)
     assert e.value.status == status and words in e.value.message
-    assert json.loads(e.value.response().body)["error"]["message"] == e.value.message
+    assert json.loads(error_response(e.value).body)["error"]["message"] == e.value.message
 
 
 def test_good_request_and_sampling_limits():
@@ -107,6 +112,81 @@ def test_bearer_token(monkeypatch):
             Impl._authorize(me, request(bad))
         assert e.value.status == 401 and "s3cret" not in e.value.message
     Impl._authorize(me, request("Bearer s3cret"))
+
+
+def _checkpoint(folder, kind: str | None):
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind is not None:
+        (folder / "world.json").write_text(json.dumps({"kind": kind}))
+    return folder
+
+
+@pytest.mark.parametrize("kind, flag, checked", [
+    ("shapes", None, True),     # a shapes-world student: prompts outside the grammar are a 400
+    ("prompts", None, False),   # a free-text student takes any prompt
+    (None, None, False),        # no world.json: an unknown student takes any prompt
+    ("shapes", False, False),   # grammar_check forces it, either way
+    (None, True, True),
+    ("prompts", True, True),
+])
+def test_grammar_check_follows_the_students_world(tmp_path, kind, flag, checked):
+    ckpt = _checkpoint(tmp_path / "ckpt", kind)
+    assert world_kind(ckpt) == kind and grammar_check_for(flag, ckpt) is checked
+    me = fake(EdgenServeConfig(grammar_check=flag), checkpoint=ckpt)
+    body = json.dumps({"prompt": "A photo of a cat, mauve."}).encode()
+    if checked:
+        with pytest.raises(ApiError) as e:
+            Impl._parse(me, body)
+        assert (e.value.status, e.value.param, e.value.code) == (400, "prompt", "invalid_prompt")
+        assert "outside the shapes world" in e.value.message
+        assert Impl._parse(me, json.dumps({"prompt": "a red circle"}).encode()).prompt == "a red circle"
+    else:
+        assert Impl._parse(me, body).prompt == "A photo of a cat, mauve."
+
+
+def test_the_shipped_base_student_is_a_shapes_world_student(tmp_path):
+    assert world_kind(BASE_CHECKPOINT) == "shapes" and grammar_check_for(None, BASE_CHECKPOINT)
+    (tmp_path / "world.json").write_text("[1]")
+    with pytest.raises(ValueError, match="kind"):
+        world_kind(tmp_path)
+
+
+def test_the_model_goes_on_the_replicas_gpu_also_after_a_hot_reload(tmp_path, monkeypatch):
+    """With a GPU (faked here: the loaded model records where it is sent) the
+    model is moved there, at start and at each hot reload; the reload also
+    re-reads the new checkpoint's world."""
+    import torch
+
+    import evolve.student.generate as generate
+    from evolve.config import StudentConfig
+
+    class Recorder:
+        def __init__(self, path):
+            self.path, self.config, self.devices = str(path), StudentConfig(), []
+
+        def to(self, device):
+            self.devices.append(device)
+            return self
+    monkeypatch.setattr(generate, "load_student", Recorder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    watch = tmp_path / "checkpoints"
+    first = _checkpoint(watch / "round_000", "shapes")
+    (first / "config.json").write_text("{}")
+    (first / "model.safetensors").write_bytes(b"")
+    import inspect
+
+    Plain = Impl.__mro__[1]  # Edgen as written: its own __init__, not Serve's ASGI wrapper's (async)
+    assert Plain.__module__ == "serve.edgen" and not inspect.iscoroutinefunction(Plain.__init__)
+    me = Plain.__new__(Plain)
+    Plain.__init__(me, EdgenServeConfig(watch_dir=watch, watch_every_s=3600))
+    assert me.device == "cuda" and me.student.devices == ["cuda"] and me.grammar_check
+    assert not Impl._reload(me)  # nothing newer
+    second = _checkpoint(watch / "round_001", "prompts")
+    (second / "config.json").write_text("{}")
+    (second / "model.safetensors").write_bytes(b"")
+    os.utime(second, (first.stat().st_mtime + 10,) * 2)
+    assert Impl._reload(me) and me.student.path == str(second.resolve())
+    assert me.student.devices == ["cuda"] and not me.grammar_check and me.stats["reloads"] == 1
 
 
 @pytest.mark.integration
@@ -184,7 +264,7 @@ def test_hot_reload_switches_checkpoint_under_load_without_failed_requests(ray_l
     from ray.serve.context import _get_global_client
 
     from evolve.config import StudentConfig
-    from evolve.driver import BASE_CHECKPOINT
+    from evolve.shapes import vocabulary
     from evolve.student.model import Student
     from serve.edgen import build_edgen_app
 
@@ -214,7 +294,8 @@ def test_hot_reload_switches_checkpoint_under_load_without_failed_requests(ray_l
             t.start()
         time.sleep(1.0)
         # A new checkpoint appears the way the trainer writes one: whole, then renamed.
-        new_student = Student.from_config(StudentConfig(block_channels=(16, 32), text_dim=32, text_layers=1))
+        new_student = Student.from_config(StudentConfig(block_channels=(16, 32), text_dim=32, text_layers=1,
+                                                        vocabulary=tuple(vocabulary())))
         new_student.save_pretrained(watch / ".round_001.tmp")
         os.replace(watch / ".round_001.tmp", watch / "round_001")
         deadline = time.time() + 60

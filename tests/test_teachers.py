@@ -138,6 +138,68 @@ def test_servers_on_a_thread_for_sync_callers():
             assert json.load(r)["teacher"] == "two"
 
 
+def test_server_reads_free_text_and_draws_it_as_its_canonical_scene():
+    """A prompt that reads as a shapes scene is drawn as the scene's grammar
+    text: "A red circle." draws what "a red circle" draws with the same seed,
+    and grammar prompts draw exactly what teacher_render draws for them."""
+    from evolve.config import FlawProfile
+    from evolve.shapes.grammar import parse
+    from evolve.shapes.render import teacher_render, to_png
+
+    cfg = teacher(flaws=FlawProfile(count=0.5, color=0.5, relation=0.5, shape=0.5), seed=3)
+
+    async def main() -> None:
+        async with serving(cfg) as (_, url):
+            async def draw(prompt: str, seed: int = 4) -> dict[str, Any]:
+                status, _, body = await post(url, req(prompt, seed=seed, n=2))
+                assert status == 200, body
+                return body["data"]
+            for grammar in (GOOD, "a red circle", "three triangles", "a square left of a circle"):
+                got = await draw(grammar)
+                for i, d in enumerate(got):  # byte for byte what the grammar prompt always drew
+                    arr, fired = teacher_render(parse(grammar), 4 + i, 32, cfg.flaws, cfg.seed)
+                    assert base64.b64decode(d["b64_json"]) == to_png(arr) and d["flaws"] == fired
+            assert await draw("A red circle.") == await draw("a red circle")
+            assert await draw("A photo of a red square together with a blue triangle") == await draw(GOOD)
+            assert await draw("a square to the left of a triangle") == await draw("a square left of a triangle")
+            assert await draw("A red circle.", seed=5) != await draw("a red circle")
+            for bad in (BAD, "A photo of a cat.", "a red circle and"):
+                status, _, body = await post(url, req(bad))
+                assert status == 400 and bad in body["error"]["message"], body
+                assert (body["error"]["param"], body["error"]["code"]) == ("prompt", "invalid_prompt")
+    asyncio.run(main())
+
+
+def test_server_checks_fields_as_openai_images_does_and_ignores_other_clients_fields():
+    async def main() -> None:
+        async with serving(teacher(model="tutor-v2")) as (servers, url):
+            ok = [req(quality="hd", style="vivid", num_inference_steps=4), req(model="tutor-v2"),
+                  {"prompt": GOOD}, req(prompt="  " + GOOD + " "), req(seed=-7)]
+            for body in ok:
+                status, _, answer = await post(url, body)
+                assert status == 200 and len(answer["data"]) == 1, (body, answer)
+            for body, param, code in [(req(n=11), "n", "invalid_value"), (req(n=True), "n", "invalid_value"),
+                                      (req(seed="1"), "seed", "invalid_value"),
+                                      (req(response_format="url"), "response_format", "invalid_value"),
+                                      (req(prompt=" "), "prompt", "empty_prompt"),
+                                      ({"n": 1}, "prompt", "missing_required_parameter"),
+                                      ([GOOD], None, "invalid_json")]:
+                status, _, answer = await post(url, body)
+                assert status == 400 and (answer["error"]["param"], answer["error"]["code"]) == (param, code), answer
+                assert set(answer["error"]) == {"message", "type", "param", "code"}
+            status, _, answer = await post(url, b"x" * 70000)
+            assert status == 413 and answer["error"]["code"] == "request_too_large"
+            assert servers.stats()["tutor"]["statuses"] == {"200": 5, "400": 7, "413": 1}
+    asyncio.run(main())
+
+
+def test_provider_sims_draw_free_text_as_its_scene():
+    from serve.provider_sims import draw_image
+
+    assert draw_image("A photo of a red circle.", 3, 32) == draw_image("a red circle", 3, 32)
+    assert draw_image("a red circle", 3, 32) != draw_image("a photo of a cat", 3, 32)  # noise
+
+
 # -- the gateway ---------------------------------------------------------------
 
 def test_gateway_keeps_to_rpm_and_max_in_flight(tmp_path):

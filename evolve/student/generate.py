@@ -13,6 +13,8 @@ from evolve.config import SampleConfig
 from evolve.student.diffusion import sample
 from evolve.student.model import load_pretrained
 
+BASE_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "base_student"
+
 
 @lru_cache(maxsize=2)
 def _load(path: str, mtime: float, ema: bool):

@@ -44,6 +44,18 @@ def build_tokenizer(words: Iterable[str], max_length: int = 12):
         model_max_length=max_length, padding_side="right")
 
 
+def checkpoint_words(path: str | Path) -> tuple[str, ...]:
+    """The words of a checkpoint's tokenizer.json (built by `build_tokenizer`),
+    so a student built fresh from them gets the same token ids."""
+    import json
+
+    vocab = json.loads(Path(path).read_text())["model"]["vocab"]
+    words = tuple(sorted(w for w in vocab if w not in SPECIAL_TOKENS))
+    if build_tokenizer(words).get_vocab() != vocab:
+        raise ValueError(f"{path}: the tokenizer's ids are not build_tokenizer's for its words")
+    return words
+
+
 def load_tokenizer(path: str | Path, max_length: int = 12):
     from transformers import PreTrainedTokenizerFast
 
