@@ -43,9 +43,9 @@ def cluster_parts(cfg: RunConfig, folder: RunFolder, init: str | None, world: Wo
 
     closing: list = []
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
         teachers = RayTeachers(cfg, folder)
         closing.append(teachers)
-        serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
         judge = RayJudge(cfg, folder)
         closing.append(judge)
         trainer = (ContinuousTrainer if cfg.train.schedule == "continuous" else RoundsTrainer)(
@@ -67,23 +67,36 @@ def cluster_parts(cfg: RunConfig, folder: RunFolder, init: str | None, world: Wo
 
 
 class RayTeachers:
-    """Teacher gateway actors, and the embedded teachers' HTTP host where the config has any."""
+    """Teacher gateway actors; the embedded teachers' HTTP host and the run's own
+    diffusers pipelines (Serve apps `teacher-<name>`) where the config has any."""
 
     def __init__(self, cfg: RunConfig, folder: RunFolder) -> None:
         import ray
+        from ray import serve
 
         from actors.teacher_gateway import start_gateway
+        from serve.diffusers_teacher import DiffusersTeacherConfig, build_diffusers_teacher_app
         from serve.teachers import EmbeddedTeacherHost
 
         size = cfg.student.image_size
         embedded = [t for t in cfg.teachers if t.kind == "embedded"]
-        self.host = None
+        self.host, self.apps = None, []
         urls: dict[str, str] = {}
         if embedded:
             self.host = EmbeddedTeacherHost.options(name=f"teachers-http:{folder.root.name}").remote()
             urls = ray.get(self.host.start.remote(embedded, size))
-        self.gateways = {t.name: start_gateway(t, urls[t.name] if t.kind == "embedded" else t.base_url,
-                                               folder.images, folder.ledger, size) for t in cfg.teachers}
+        teachers = []
+        for t in cfg.teachers:
+            if t.kind == "diffusers":  # served here, then bought from like any OpenAI-Images API
+                dcfg = DiffusersTeacherConfig.model_validate(t.pipeline)
+                app = f"teacher-{t.name}"
+                serve.run(build_diffusers_teacher_app(dcfg), name=app, route_prefix=f"/{app}")
+                self.apps.append(app)
+                urls[t.name] = f"http://127.0.0.1:{cfg.serve_port}/{app}/v1"
+                t = t.model_copy(update={"kind": "openai", "model": t.model or dcfg.model_name, "pipeline": None})
+            teachers.append(t)
+        self.gateways = {t.name: start_gateway(t, urls.get(t.name, t.base_url), folder.images, folder.ledger, size)
+                         for t in teachers}
 
     def buy(self, items: list[tuple[str, int]]) -> dict[str, list[dict]]:
         import ray
@@ -103,12 +116,16 @@ class RayTeachers:
 
     def close(self) -> None:
         import ray
+        from ray import serve
 
         for g in self.gateways.values():
             ray.kill(g)
         if self.host is not None:
             ray.get(self.host.stop.remote())
             ray.kill(self.host)
+        for app in self.apps:
+            with contextlib.suppress(Exception):
+                serve.delete(app)
 
 
 # --------------------------------------------------------------------------- judge

@@ -146,7 +146,11 @@ class TeacherConfig(_Strict):
     # embedded: a shapes-world teacher served here. openai: any OpenAI-Images API
     # (OpenAI itself, a self-hosted open model, an Edgen endpoint). bfl, fal,
     # replicate, stability, ideogram: those providers' own APIs (actors/providers.py).
-    kind: Literal["embedded", "openai", "bfl", "fal", "replicate", "stability", "ideogram"] = "embedded"
+    # diffusers: an open-weights pipeline the run serves itself on Ray Serve
+    # (serve/diffusers_teacher.py, `pipeline`), bought from over HTTP as openai.
+    kind: Literal["embedded", "openai", "bfl", "fal", "replicate", "stability", "ideogram", "diffusers"] = "embedded"
+    pipeline: dict | None = Field(None, description="kind diffusers: DiffusersTeacherConfig fields (pipeline: "
+                                  "a diffusers folder or Hub id, model_name, sizes, num_gpus, ...)")
     # For a provider: its base URL (None: the provider's public API) and model;
     # the key comes from the environment variable named here, never from a file.
     base_url: str | None = None
@@ -171,7 +175,15 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _remote_needs_model(self) -> "TeacherConfig":
-        if self.kind != "embedded" and not self.model:
+        if self.kind == "diffusers":
+            if not (self.pipeline or {}).get("pipeline"):
+                raise ValueError(f"teacher {self.name!r}: kind 'diffusers' needs pipeline.pipeline (a diffusers "
+                                 "folder or Hub id)")
+            if self.base_url is not None:
+                raise ValueError(f"teacher {self.name!r}: a diffusers teacher is served by the run; drop base_url")
+        elif self.pipeline is not None:
+            raise ValueError(f"teacher {self.name!r}: `pipeline` is for kind 'diffusers', not {self.kind!r}")
+        elif self.kind != "embedded" and not self.model:
             raise ValueError(f"teacher {self.name!r}: kind {self.kind!r} needs a model")
         return self
 
