@@ -43,9 +43,12 @@ def _read_config(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, mappings key by key; a mapping of another `kind`
+    (another world, say) replaces the base's whole."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind") == out[k].get("kind")
+        out[k] = _merge(out[k], v) if nested else v
     return out
 
 
