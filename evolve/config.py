@@ -26,7 +26,8 @@ class _Strict(BaseModel):
     def load(cls, path: Path | str):
         """From a YAML (.yaml/.yml) or JSON file. A top-level `extends: other.yaml`
         (relative to the file) starts from that file; the keys given here
-        replace its keys, nested mappings key by key."""
+        replace its keys, nested mappings key by key. The files a run reads
+        (`init_checkpoint`, prompt files) are relative to the file naming them."""
         return cls.model_validate(_read_config(Path(path)))
 
 
@@ -38,8 +39,25 @@ def _read_config(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds a mapping, not {type(data).__name__}")
+    _files_from(data, path.parent)
     base = data.pop("extends", None)
     return _merge(_read_config(path.parent / base, seen + (path,)), data) if base else data
+
+
+def _files_from(data: dict, here: Path) -> None:
+    """A run config's input files (`init_checkpoint`, the prompt files of its
+    `world`) are named relative to the config file that names them: made
+    absolute here, before files that extend each other are merged."""
+    if data.get("init_checkpoint") and not Path(data["init_checkpoint"]).is_absolute():
+        data["init_checkpoint"] = str((here / data["init_checkpoint"]).resolve())
+    world = data.get("world")
+    if isinstance(world, dict):
+        for key in ("seed", "heldout"):
+            src = world.get(key)
+            if isinstance(src, (str, Path)):
+                src = {"path": src}
+            if isinstance(src, dict) and "path" in src and not Path(src["path"]).is_absolute():
+                world[key] = {**src, "path": str((here / src["path"]).resolve())}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -696,26 +714,6 @@ class RunConfig(_Strict):
                 raise ValueError(f"judge.grammar_check screens generated prompts with the shapes grammar; "
                                  f"the {self.world.kind} world takes free text: leave it unset")
         return self
-
-    @classmethod
-    def load(cls, path: Path | str) -> "RunConfig":
-        """As `_Strict.load`; the files a run reads (prompt files named in `world`,
-        `init_checkpoint`) are found relative to the config file (an absolute
-        path is kept as it is). `run_dir`, where it writes, is as given."""
-        path = Path(path)
-        data = _read_config(path)
-        here = path.resolve().parent
-        if data.get("init_checkpoint") and not Path(data["init_checkpoint"]).is_absolute():
-            data["init_checkpoint"] = str((here / data["init_checkpoint"]).resolve())
-        world = data.get("world")
-        if isinstance(world, dict):
-            for key in ("seed", "heldout"):
-                src = world.get(key)
-                if isinstance(src, (str, Path)):
-                    src = {"path": src}
-                if isinstance(src, dict) and "path" in src and not Path(src["path"]).is_absolute():
-                    world[key] = {**src, "path": str((here / src["path"]).resolve())}
-        return cls.model_validate(data)
 
     @model_validator(mode="after")
     def _buckets_stream(self) -> "RunConfig":

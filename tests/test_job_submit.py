@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evolve.config import RunConfig
 from evolve.ray_env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,17 +63,38 @@ def ray_head(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
+        # `ray start` wrote its address here and only `ray stop` (which would stop the
+        # session's shared instance too) removes it: a stale one misleads later drivers.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip() == f"127.0.0.1:{gcs}":
+            current.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline folder, built offline."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tiny_pipeline", ROOT / "scripts" / "build_tiny_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.mark.integration
-def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
+def test_ray_job_submit_runs_the_real_architecture_on_any_prompts(ray_head, tiny_pipeline, tmp_path):
+    """`configs/latent-free-text.yaml` as a job: the latent student (PixArt's set-up
+    at tiny size), a diffusers pipeline the run serves itself as the teacher,
+    prompts of any kind (PartiPrompts' layout), the embedded VLM as judge and
+    evaluator, watched on Prometheus while it runs."""
     env, address, metrics_url, _ = ray_head
     run_dir = tmp_path / "run"
-    # The latent student (PixArt's set-up at tiny size) here; the other
-    # end-to-end tests run the pixel student.
-    config = ROOT / "configs" / "latent-tiny.yaml"
-    entry = (f"evolve run --config {config} --run-dir {run_dir} "
-             f"--rounds 1 --serve-port {free_port()}")
+    config = tmp_path / "run.yaml"
+    teacher = RunConfig.load(ROOT / "configs" / "latent-free-text.yaml").teachers[0].model_dump(mode="json")
+    teacher["pipeline"]["pipeline"] = str(tiny_pipeline)
+    config.write_text(yaml.safe_dump({"extends": str(ROOT / "configs" / "latent-free-text.yaml"),
+                                      "teachers": [teacher]}))
+    entry = f"evolve run --config {config} --run-dir {run_dir} --rounds 1 --serve-port {free_port()}"
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     proc = subprocess.run(
@@ -81,7 +103,7 @@ def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     # Watch it as a dashboard would: the loop's gauges (dataset size, held-out
-    # accuracy) live while the driver does, so Prometheus is read during the run.
+    # score) live while the driver does, so Prometheus is read during the run.
     jobs = JobSubmissionClient(address)
     loop_metrics = ("ray_evolve_dataset_size", "ray_evolve_heldout_accuracy", "ray_evolve_judge_latency_s_count")
     seen: set[str] = set()
@@ -94,25 +116,29 @@ def test_ray_job_submit_runs_main_job(ray_head, tmp_path):
         time.sleep(2)
     assert status == JobStatus.SUCCEEDED, jobs.get_job_logs("evolve-test")[-4000:]
     assert seen == set(loop_metrics), seen
-    # The gateways' custom metrics reached Ray's Prometheus endpoint (the dashboard's source).
+    # The gateway's custom metrics reached Ray's Prometheus endpoint (the dashboard's source).
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     bought = [ln for ln in text.splitlines() if ln.startswith("ray_evolve_teacher_images_bought")]
-    assert any('teacher="aurora"' in ln for ln in bought), text[-2000:]
+    assert any('teacher="tinysd"' in ln for ln in bought), text[-2000:]
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "evolve-test"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert "succeeded" in (status.stdout + status.stderr).lower()
 
     report = json.loads((run_dir / "report.json").read_text())
     assert report["rounds"][0]["round"] == 0 and report["rounds"][0]["trainer_step"] > 0
-    # The features were precomputed once, beside the images, for every record
-    # trained on, with the null caption; the checkpoint is a LatentStudent's.
+    assert report["student"]["final"]["metric"] == "vlm" and "tinysd" in report["student"]["final"]["win_rate"]
+    # Any prompt: the teacher drew every one (no refusal), the loop kept them as written.
     from evolve.dataset import DatasetVersions
     from evolve.student.encoders import FeatureStore
     from evolve.student.model import LatentStudent, load_pretrained
 
-    store = FeatureStore(run_dir / "features")
     v0 = DatasetVersions(run_dir / "datasets").read(0)
-    assert v0 and all(store.has_latent(r.image_ref) and store.has_text(r.prompt) for r in v0)
+    assert len(v0) == 12 and {r.teacher for r in v0} == {"tinysd"}
+    assert any(r.prompt.startswith("A red panda eating bamboo") and r.category == "Animals" for r in v0)
+    # The features were precomputed once, beside the images, for every record
+    # trained on, with the null caption; the checkpoint is a LatentStudent's.
+    store = FeatureStore(run_dir / "features")
+    assert all(store.has_latent(r.image_ref) and store.has_text(r.prompt) for r in v0)
     assert store.has_text("") and store.get_latent(v0[0].image_ref).shape == (4, 16, 16)
     assert isinstance(load_pretrained(run_dir / "checkpoints" / "round_000"), LatentStudent)
 
@@ -131,8 +157,13 @@ def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_pa
     from serve.teachers import TeacherServersThread
 
     env, _, _, gcs = ray_head
+    # The free-text path: prompt files, the embedded VLM judging and scoring over HTTP.
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["rounds"] = 2
+    prompts = ROOT / "configs" / "prompts"
+    cfg.update(rounds=2, world={"kind": "prompts", "seed": {"path": str(prompts / "free-text-seed.jsonl"), "limit": 6},
+                                "heldout": {"path": str(prompts / "free-text-heldout.jsonl"), "limit": 6}},
+               judge={"backend": "embedded_vlm"}, evaluation={"metric": "vlm"})
+    cfg["student"]["vocab_size"] = 64  # a from-scratch student's words are its prompt files'
     servers = TeacherServersThread(cfg["teachers"], 32)
     with servers as urls:
         cfg["teachers"] = [{**t, "kind": "openai", "base_url": urls[t["name"]], "model": t["name"]}
@@ -176,3 +207,6 @@ def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_pa
     assert len(Ledger(run_dir / "ledger.jsonl")) == billed
     report = json.loads((run_dir / "report.json").read_text())
     assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0, 1]
+    final = report["student"]["final"]
+    assert final["metric"] == "vlm" and set(final["win_rate"]) == {"aurora", "brush"}
+    assert sum(w["wins"] + w["losses"] + w["no_verdict"] for w in final["win_rate"].values()) == 12
