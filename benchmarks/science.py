@@ -102,10 +102,11 @@ def arm_config(base: RunConfig, arm: str, budget: int, seed: int) -> RunConfig:
 
 
 def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: int,
-            keep_checkpoints: bool = False) -> dict:
+            keep_checkpoints: bool = False, build_parts=None) -> dict:
     """One arm, or its stored result. A finished arm's student checkpoints
     (~330 MB an arm) are deleted unless `keep_checkpoints`; its report, rounds,
-    verdicts, datasets and images stay."""
+    verdicts, datasets and images stay. `build_parts`: the loop's parts (the
+    cluster's unless given: tests hand in stand-ins)."""
     from evolve.cluster import cluster_parts
     from evolve.loop import main
     from evolve.run_folder import RunFolder
@@ -122,7 +123,7 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
     cfg = arm_config(base, arm, budget, seed).model_copy(
         update={"run_dir": out / "runs" / name, "serve_port": port})
     t0 = time.time()
-    report = main(cfg, cluster_parts, progress=lambda msg: print(f"[{name}] {msg}", flush=True))
+    report = main(cfg, build_parts or cluster_parts, progress=lambda msg: print(f"[{name}] {msg}", flush=True))
     student = report["student"]
     # Training images: the held-out images bought to score the teachers do not count.
     training = report["rounds"][-1]["images_bought"] if report["rounds"] else 0
@@ -268,9 +269,10 @@ def plot_arms(rows: list[dict], path: Path) -> None:
 
 
 def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Path,
-              budgets: tuple[int, ...] = BUDGETS, keep_checkpoints: bool = False) -> dict:
+              budgets: tuple[int, ...] = BUDGETS, keep_checkpoints: bool = False, build_parts=None) -> dict:
     """Run (or read back) every arm of `suite`; write and return the summary.
-    Uses the Ray instance already started in this process, if any."""
+    Uses the Ray instance already started in this process, if any (none is
+    started when `build_parts` hands in other parts)."""
     import ray
 
     from evolve.ray_env import free_port
@@ -279,7 +281,7 @@ def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Pat
     todo = [(arm, budget, seed) for seed in range(1 if quick else seeds)
             for arm, budget in suite_arms(suite, base, quick, budgets)]
     # Ray only when an arm is left to run: a finished suite re-summarizes in a second.
-    started = not ray.is_initialized() and not all(
+    started = build_parts is None and not ray.is_initialized() and not all(
         (out / "arms" / f"{a}-b{b}-s{s}.json").exists() for a, b, s in todo)
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -287,7 +289,7 @@ def run_suite(suite: str, seeds: int, quick: bool, config: Path | None, out: Pat
     try:
         # Seed by seed: a suite stopped part-way has every arm at the same seeds.
         for arm, budget, seed in todo:
-            results.append(run_arm(out, base, arm, budget, seed, free_port(), keep_checkpoints))
+            results.append(run_arm(out, base, arm, budget, seed, free_port(), keep_checkpoints, build_parts))
     finally:
         if started:
             ray.shutdown()

@@ -116,6 +116,7 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
             with progress.phase("training"):
                 snap = trainer.weights_after(rnd, cfg.train.steps_per_round, folder.checkpoint(rnd))
             ckpt, waited = str(folder.checkpoint(rnd)), time.time() - t
+            label_world(folder.checkpoint(rnd), parts.world)
             # 2. Held-out: how good it is now.
             with phases("heldout_s"):
                 acc = evaluator.student(ckpt, rnd)
@@ -311,12 +312,19 @@ def final_student(cfg: RunConfig, trainer, evaluator: Evaluator, folder: RunFold
     last, t = cfg.rounds, time.time()  # version `last` was published by the last round
     ckpt = folder.checkpoints / "final"
     snap = trainer.weights_after(last, cfg.train.steps_per_round, ckpt)
+    label_world(ckpt, evaluator.parts.world)
     acc = evaluator.student(str(ckpt), "final")
     final = {"version": last, "trainer_step": snap.get("step"), "checkpoint": str(ckpt), "heldout": acc,
              "final_s": round(time.time() - t, 1)}
     write_json_atomic(path, final)
     say(f"final student (v{last:04d}, step {snap.get('step')}): held-out {describe(acc)}")
     return final
+
+
+def label_world(checkpoint: Path, world: World) -> None:
+    """Say which world a checkpoint learnt (`world.json`): `evolve serve` then
+    checks prompts with that world's grammar, if it has one."""
+    write_json_atomic(Path(checkpoint) / "world.json", {"kind": world.name})
 
 
 def trainer_summary(trainer, folder: RunFolder, say) -> None:

@@ -45,14 +45,14 @@ def kill_the_judge_replica_once(monkeypatch) -> list[str]:
 
 @pytest.mark.integration
 def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch):
-    """One tiny run, three starts (each start costs ~30 s of Ray Train and Serve
-    set-up, so one test covers them all):
+    """One tiny run, two starts (each start costs ~30 s of Ray Train and Serve
+    set-up, so one test covers both):
     1. a wall-clock stop after round 0, with the judge's replica killed mid-round;
     2. the same folder again, its student served at /edgen while it trains, and a
        training worker killed (SIGKILL) mid-run: Ray Train replaces the worker
        group from the last checkpoint, the feed hands the new workers the current
-       data, and the run finishes with every artefact;
-    3. once more with a third round: only new images are bought."""
+       data, and the run finishes with every artefact.
+    (A finished run given more rounds: tests/test_loop.py.)"""
     cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
         update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 2})
     run = tmp_path / "run"
@@ -117,12 +117,6 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
     steps = [r["trainer_step"] for r in rounds] + [final["trainer_step"]]
     assert steps == sorted(steps)
 
-    # 3. A finished run re-run with one more round buys only new images,
-    # continues from round 2 and leaves the earlier rounds as they were.
-    main(cfg.model_copy(update={"rounds": 3}), cluster_parts, lambda *_: None)
-    assert (run / "rounds" / "round_002.json").exists()
-    assert (run / "rounds" / "round_000.json").read_text() == round0
-    assert_consistent(run)
 
 
 def train_worker_pids() -> list[int]:

@@ -211,3 +211,17 @@ def test_free_text_run_with_the_embedded_vlm_over_http(tmp_path):
     assert any("alignment" in m and "vs aurora" in m for m in said)
     # The VLM's scores rank the student (start, final) and the teachers as the scene parser's do.
     assert rep["agreement"]["same_order"], rep["agreement"]
+
+
+def test_a_finished_run_given_more_rounds_goes_on_and_buys_only_new_images(tmp_path):
+    first = local_parts()
+    main(tiny(tmp_path, rounds=2), first, lambda *_: None)
+    round0 = (tmp_path / "run" / "rounds" / "round_000.json").read_text()
+    more = local_parts()
+    rep = main(tiny(tmp_path, rounds=3), more, lambda *_: None)
+    assert [r["round"] for r in rep["rounds"]] == [0, 1, 2]
+    assert (tmp_path / "run" / "rounds" / "round_000.json").read_text() == round0
+    assert more.parts.trainer.published[0] == 2  # training goes on from the last version
+    paid = first.parts.teachers.calls + more.parts.teachers.calls
+    assert len(paid) == len(set(paid))
+    assert_consistent(tmp_path / "run")

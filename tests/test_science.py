@@ -67,10 +67,13 @@ def test_suite_arms_and_the_arm_plot(tmp_path):
     assert (tmp_path / "teachers.png").stat().st_size > 0
 
 
-@pytest.mark.integration
-def test_quick_mode_runs_and_resumes(ray_local, tmp_path):
+def test_quick_mode_runs_and_resumes(tmp_path):
+    """The harness end to end on the loop's stand-in parts (tests/standins.py:
+    the loop is the same; its Ray wiring is tested by the end-to-end runs)."""
+    from standins import local_parts
+
     sci = _science()
-    out = sci.run_suite("efficiency", 1, True, None, tmp_path)
+    out = sci.run_suite("efficiency", 1, True, None, tmp_path, build_parts=local_parts())
     arms = out["arms"]
     assert set(arms) == {"random@24", "evolve@24"}
     for name in ("random-b24-s0", "evolve-b24-s0"):
@@ -78,5 +81,5 @@ def test_quick_mode_runs_and_resumes(ray_local, tmp_path):
         assert 0 < r["images_bought"] <= 24, r  # the image budget holds, every image counted
     assert (tmp_path / "efficiency.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary-efficiency.json").read_text())["arms"] == arms
-    again = sci.run_suite("efficiency", 1, True, None, tmp_path)  # finished arms are read back, not rerun
+    again = sci.run_suite("efficiency", 1, True, None, tmp_path, build_parts=local_parts())  # read back
     assert again["arms"] == arms
