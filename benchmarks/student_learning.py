@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from evolve.config import SampleConfig, StudentConfig, TrainConfig
-from evolve.shapes.grammar import CATEGORIES, heldout_prompts, sample_prompt
+from evolve.shapes.grammar import CATEGORIES, heldout_prompts, sample_prompt, vocabulary
 from evolve.shapes.render import render
 from evolve.shapes.scorer import score
 from evolve.student.diffusion import EMA, drop_prompts, make_noise_scheduler, sample, training_loss
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="save the final checkpoint here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    scfg = StudentConfig(**json.loads(args.student))
+    scfg = StudentConfig(**{"vocabulary": tuple(vocabulary()), **json.loads(args.student)})
     tcfg = TrainConfig(**json.loads(args.train))
     smp = SampleConfig(**{"batch_size": 128, **json.loads(args.sample)})
 

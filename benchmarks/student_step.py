@@ -18,10 +18,14 @@ import time
 import torch
 
 from evolve.config import SampleConfig, StudentConfig
+from evolve.shapes import vocabulary
 from evolve.student.diffusion import EMA, make_noise_scheduler, sample, training_loss
 from evolve.student.model import Student, build_student
 
 PROMPTS = ["a red circle and a blue square", "three triangles", "a square left of a circle", "a cyan triangle"]
+
+
+WORDS = tuple(vocabulary())  # the shapes grammar's: the student's words in that world
 
 
 def bench(cfg: StudentConfig, batch: int, steps: int) -> dict:
@@ -69,7 +73,7 @@ def plain_worker(rank: int, world: int, port: int, rows: list[dict], steps: int,
     torch.set_num_threads(threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    scfg = StudentConfig()
+    scfg = StudentConfig(vocabulary=WORDS)
     tcfg = TrainConfig(batch_size=batch, replay_fraction=0.0, worker_nice=0, num_workers=world,
                        torch_threads=threads)
     torch.manual_seed(tcfg.seed)
@@ -151,7 +155,7 @@ def bench_ray(steps: int, batch: int, repeats: int) -> None:
                          nprocs=world, join=True)
                 plain.append(json.loads(open(f"{tmp}/plain.json").read())["train_s"] / steps)
                 t0 = time.perf_counter()
-                out = fit_student(ds, student_cfg=StudentConfig(), train_cfg=tcfg, steps=steps, storage_path=tmp,
+                out = fit_student(ds, student_cfg=StudentConfig(vocabulary=WORDS), train_cfg=tcfg, steps=steps, storage_path=tmp,
                                   name="bench", out_dir=f"{tmp}/ckpt")
                 wall = time.perf_counter() - t0
                 st = json.loads(open(f"{out}/state.json").read())
@@ -177,8 +181,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="--ray: plain/Ray alternations per layout")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = StudentConfig(image_size=args.image_size)
-    pix = {"arch": "pixart", "image_size": args.image_size}
+    base = StudentConfig(image_size=args.image_size, vocabulary=WORDS)
+    pix = {"arch": "pixart", "image_size": args.image_size, "vocabulary": WORDS}
     if args.pixart_patch:
         pix["patch_size"] = args.pixart_patch
     rows = {"unet (default)": base, "pixart": StudentConfig(**pix)}

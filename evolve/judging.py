@@ -100,11 +100,17 @@ class Rejected(_Msg):
     why: str
 
 
-class ExpandResult(_Msg):
-    prompt: str
-    variants: list[str]
+class _Written(_Msg):
+    """What a judge wrote: VLM judges keep their raw answers (re-asks included)
+    and the items they threw away, and why."""
+
     raw: list[str] = Field(default_factory=list, description="VLM judges: raw answers, re-asks included")
     rejected: list[Rejected] = Field(default_factory=list)
+
+
+class ExpandResult(_Written):
+    prompt: str
+    variants: list[str]
 
 
 class MutateRequest(_Msg):
@@ -115,10 +121,8 @@ class MutateRequest(_Msg):
     seed: int = 0
 
 
-class MutateResult(_Msg):
+class MutateResult(_Written):
     prompts: list[str]
-    raw: list[str] = Field(default_factory=list, description="VLM judges: raw answers, re-asks included")
-    rejected: list[Rejected] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -144,11 +148,9 @@ class QuestionsRequest(_Msg):
     n: int = Field(8, ge=1, le=32)
 
 
-class QuestionsResult(_Msg):
+class QuestionsResult(_Written):
     prompt: str
     questions: list[str]
-    raw: list[str] = Field(default_factory=list, description="VLM judges: raw answers, re-asks included")
-    rejected: list[Rejected] = Field(default_factory=list)
 
 
 class AlignRequest(_Msg):
