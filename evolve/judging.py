@@ -182,25 +182,6 @@ class AlignResult(_Msg):
     logprobs: bool = Field(False, description="every answer's p_yes came from logprobs")
 
 
-def parse_yes_no(answer: str, yes: str = "Yes", no: str = "No") -> tuple[bool | None, str | None]:
-    """True / False for an answer that says yes or no (first word, any case,
-    punctuation ignored, or a JSON {"answer": ...}); None and the problem otherwise."""
-    text = _FENCE.sub("", answer.strip())
-    try:
-        obj = json.loads(text)
-        if isinstance(obj, dict) and isinstance(obj.get("answer"), str):
-            text = obj["answer"]
-    except (json.JSONDecodeError, RecursionError):
-        pass
-    words = re.findall(r"[a-z]+", text.lower())
-    first = words[0] if words else ""
-    if first == yes.lower():
-        return True, None
-    if first == no.lower():
-        return False, None
-    return None, f"the answer starts with neither {yes!r} nor {no!r}"
-
-
 # --------------------------------------------------------------------------- reading VLM answers
 # A VLM's answer is untrusted text. These functions read it strictly (JSON is
 # parsed, never evaluated), repair what can be repaired without guessing, and
@@ -210,19 +191,26 @@ _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
+def _answer_text(answer: str, key: str) -> str:
+    """The answer without code fences, or the string at `key` of a JSON object answer
+    (what a structured-output constraint makes the VLM write)."""
+    text = _FENCE.sub("", answer.strip())
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict) and isinstance(obj.get(key), str):
+            return obj[key]
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    return text
+
+
 def parse_choice(answer: str, choice_a: str, choice_b: str) -> tuple[str | None, str | None]:
     """'A', 'B' or None for a two-way choice; the second value says what was wrong.
 
     Accepted: the answer contains exactly one of the two choice strings (upstream's
     `<(A) is better>` check), a JSON object {"choice": ...} holding one, or, as a
     repair, a lone "A"/"(B)" or "(A) is better" without the brackets."""
-    text = _FENCE.sub("", answer.strip())
-    try:
-        obj = json.loads(text)
-        if isinstance(obj, dict) and isinstance(obj.get("choice"), str):
-            text = obj["choice"]
-    except (json.JSONDecodeError, RecursionError):
-        pass
+    text = _answer_text(answer, "choice")
     has_a, has_b = choice_a in text, choice_b in text
     if has_a != has_b:
         return ("A" if has_a else "B"), None
@@ -237,6 +225,18 @@ def parse_choice(answer: str, choice_a: str, choice_b: str) -> tuple[str | None,
     if len(letters) > 1:
         return None, "the answer names both images"
     return None, f"the answer contains neither {choice_a} nor {choice_b}"
+
+
+def parse_yes_no(answer: str, yes: str = "Yes", no: str = "No") -> tuple[bool | None, str | None]:
+    """True / False for an answer that says yes or no (first word, any case,
+    punctuation ignored, or a JSON {"answer": ...}); None and the problem otherwise."""
+    words = re.findall(r"[a-z]+", _answer_text(answer, "answer").lower())
+    first = words[0] if words else ""
+    if first == yes.lower():
+        return True, None
+    if first == no.lower():
+        return False, None
+    return None, f"the answer starts with neither {yes!r} nor {no!r}"
 
 
 def parse_prompt_list(answer: str) -> tuple[list, str | None]:
