@@ -24,7 +24,11 @@ Providers (`make_provider(kind, ...)`):
 
 Every failure is a `ProviderError` whose `kind` says what happened and whose
 `retryable` is True only for transient trouble (429, 5xx, timeouts, lost
-connections, jobs still pending at the deadline). Refusals that will not
+connections, jobs still pending at the deadline). It also says what the
+failure cost: `uncertain` when the request may have been billed without an
+answer coming back (a timeout, a connection lost after sending), `free` when
+the provider documents the outcome as not charged (ImageProvider's docstring
+has the rules). Refusals that will not
 change on a retry (bad prompt, content policy, auth, credits) are typed
 outcomes to record with the sample, not crashes. What comes back is checked by
 `validate_image`: undecodable bytes, a wrong size and single-colour "safety"
@@ -52,6 +56,7 @@ import numpy as np
 from PIL import Image
 
 from actors.teacher_http import GeneratedImage, TeacherHTTPError, parse_retry_after
+from serve.openai_images import OPENAI_SIZES, openai_family
 
 __all__ = [
     "PROVIDER_KINDS", "ERROR_KINDS", "DEFAULT_BASE_URLS", "ImageJob", "ProviderError", "ImageProvider",
@@ -125,16 +130,30 @@ class ProviderError(TeacherHTTPError):
     """A provider call failed; `kind` says how (see ERROR_KINDS), `provider` where.
 
     `status` is the HTTP status when one came back (None for timeouts, lost
-    connections and checks made here). Only kind "transient" is retryable."""
+    connections and checks made here). Only kind "transient" is retryable.
+
+    What the failure cost:
+    - `uncertain`: the outcome is unknown. The request may have reached the
+      server, which may have billed it (no answer within the timeout, the
+      connection lost or reset after sending, a truncated answer body). False
+      when nothing was sent (could not connect) or an answer came.
+    - `free`: the provider documents that this outcome is not charged (a
+      moderated BFL task, an aborted Replicate prediction, a failed fal
+      request). False says only that no doc says it was free, not that it was
+      charged; an HTTP error answer to a submit is taken as unbilled without
+      it (see ImageProvider)."""
 
     def __init__(self, status: int | None, message: str, retry_after: float | None = None,
-                 kind: str = "failed", provider: str = "") -> None:
+                 kind: str = "failed", provider: str = "", uncertain: bool = False, free: bool = False) -> None:
         if kind not in ERROR_KINDS:
             raise ValueError(f"unknown error kind {kind!r}; expected one of {sorted(ERROR_KINDS)}")
         super().__init__(status, message, retry_after)
-        self.args = (status, message, retry_after, kind, provider)  # all fields: picklable (Ray)
+        # All fields, in __init__'s order: picklable (Ray rebuilds it as cls(*args)).
+        self.args = (status, message, retry_after, kind, provider, bool(uncertain), bool(free))
         self.kind = kind
         self.provider = provider
+        self.uncertain = bool(uncertain)
+        self.free = bool(free)
 
     @property
     def retryable(self) -> bool:
@@ -143,7 +162,7 @@ class ProviderError(TeacherHTTPError):
     def record(self) -> dict[str, Any]:
         """The outcome as a ledger field: what to store next to a sample that failed."""
         return {"error_kind": self.kind, "status": self.status, "provider": self.provider,
-                "message": self.message}
+                "message": self.message, "uncertain": self.uncertain, "free": self.free}
 
     def __str__(self) -> str:
         where = f"{self.provider}: " if self.provider else ""
@@ -153,7 +172,8 @@ class ProviderError(TeacherHTTPError):
 
     def __repr__(self) -> str:
         return (f"ProviderError({self.status!r}, {self.message!r}, retry_after={self.retry_after!r}, "
-                f"kind={self.kind!r}, provider={self.provider!r})")
+                f"kind={self.kind!r}, provider={self.provider!r}, uncertain={self.uncertain!r}, "
+                f"free={self.free!r})")
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -209,7 +229,23 @@ class ImageProvider(ABC):
     `extra` holds provider options: "params" (a dict merged into the request
     body, e.g. {"quality": "low"}), "free_retries" (how often a poll or a
     download is retried on transient errors before giving up; default 5) and
-    the provider-specific ones named in each class."""
+    the provider-specific ones named in each class.
+
+    What a failed `submit` cost, as the ProviderError says it:
+    - an HTTP error answer (4xx, 5xx, 429): taken as NOT charged. This is an
+      assumption: no provider here documents charging one, a few say so
+      outright (Stability's moderation 403: "you were not charged"; fal:
+      "never charged for server errors"), the others bill generations, which
+      an error answer did not start, and say nothing either way. The flag
+      `free` is not set for these: the caller treats an HTTP error answer at
+      submit as unbilled by this rule.
+    - no answer, or a broken one (`uncertain`): timed out, the connection lost
+      or reset after the request went out, a truncated body. The server may
+      have billed it; the outcome is unknown.
+    - could not connect: nothing was sent, nothing billed (`uncertain` False).
+    - a 2xx answer whose content is unusable: billed.
+    A job that ends badly is billed unless its provider documents that end as
+    free (`free`: BFL moderated, Replicate aborted, fal failed)."""
 
     kind: ClassVar[str]
     # Whether the provider draws exactly the pixel size asked for; only then is
@@ -217,6 +253,9 @@ class ImageProvider(ABC):
     # resolution (often 1024 px): their images are kept at the size they come
     # in, never resized here, and checked only for being a real picture.
     exact_size: ClassVar[bool] = True
+    # The `extra` options this provider reads (besides "params" and "free_retries"):
+    # any other is a typo or a request field outside "params", and would be ignored.
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, base_url: str | None, model: str, api_key: str | None, *, timeout_s: float = 60,
                  poll_interval_s: float = 1.0, max_poll_s: float = 600,
@@ -228,6 +267,11 @@ class ImageProvider(ABC):
         self.poll_interval_s = float(poll_interval_s)
         self.max_poll_s = float(max_poll_s)
         self.extra: dict[str, Any] = dict(extra or {})
+        unknown = sorted(set(self.extra) - self.options - {"params", "free_retries"})
+        if unknown:  # checked before anything is bought
+            raise ValueError(f"{self.kind} provider options {unknown} are not read by this provider; it reads "
+                             f"{sorted(self.options | {'params', 'free_retries'})} (request fields go under "
+                             "'params', e.g. params: {quality: standard})")
         self._params: dict[str, Any] = dict(self.extra.get("params") or {})
         self._free_retries = int(self.extra.get("free_retries", 5))
 
@@ -240,10 +284,13 @@ class ImageProvider(ABC):
                      idempotency_key: str | None = None) -> ImageJob:
         """Ask for one image of `prompt`; the only call that may cost money.
 
-        `idempotency_key` goes out as the `Idempotency-Key` header: servers that
-        honour it (the embedded teachers, the OpenAI sim) answer a repeated key
-        with the first, already billed result; the public APIs here do not
-        document it and ignore it."""
+        `idempotency_key` goes out as the `Idempotency-Key` header: this
+        project's own servers (the embedded and diffusers teachers) answer a
+        repeated key with the first, already billed result. None of the public
+        APIs here documents it for image generation (OpenAI included): they
+        bill a repeated call again, and so do their simulators (the OpenAI one
+        honours the key only with its `idempotency=True` knob, standing in for
+        our servers)."""
 
     @abstractmethod
     async def collect(self, session: aiohttp.ClientSession, job: ImageJob, size: int) -> list[GeneratedImage]:
@@ -275,9 +322,9 @@ class ImageProvider(ABC):
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
 
-    def _error(self, kind: str, status: int | None, message: str,
-               retry_after: float | None = None) -> ProviderError:
-        return ProviderError(status, self._redact(message), retry_after, kind, self.kind)
+    def _error(self, kind: str, status: int | None, message: str, retry_after: float | None = None, *,
+               uncertain: bool = False, free: bool = False) -> ProviderError:
+        return ProviderError(status, self._redact(message), retry_after, kind, self.kind, uncertain, free)
 
     def _check_job(self, job: ImageJob) -> None:
         if job.provider != self.kind:
@@ -296,12 +343,20 @@ class ImageProvider(ABC):
                                        allow_redirects=not auth,
                                        timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
                 reply = _Reply(resp.status, resp.headers.copy(), await resp.read())
+        # `from None` below: aiohttp's exceptions carry the request, headers included.
+        except _NOT_SENT as exc:
+            # Could not connect (refused, DNS, TLS handshake, connect timeout): nothing was sent.
+            # ClientConnectorError subclasses ClientOSError, so it is caught before the catch-alls below.
+            raise self._error("transient", None, f"{method} {_where(url)}: could not connect (nothing was "
+                              f"sent): {type(exc).__name__}: {exc}") from None
         except asyncio.TimeoutError:
-            raise self._error("transient", None,
-                              f"{method} {_where(url)}: no answer within {self.timeout_s:g}s") from None
+            raise self._error("transient", None, f"{method} {_where(url)}: no answer within {self.timeout_s:g}s "
+                              "(the request may have reached the server: outcome unknown)",
+                              uncertain=True) from None
         except aiohttp.ClientError as exc:
-            # `from None`: aiohttp's exceptions carry the request, headers included.
-            raise self._error("transient", None, f"{method} {_where(url)}: {type(exc).__name__}: {exc}") from None
+            # Lost after connecting: a reset or closed connection, a truncated answer body.
+            raise self._error("transient", None, f"{method} {_where(url)}: {type(exc).__name__}: {exc} (the request "
+                              "may have reached the server: outcome unknown)", uncertain=True) from None
         if reply.status not in ok:
             raise self._http_error(method, url, reply, download)
         return reply
@@ -396,6 +451,13 @@ class ImageProvider(ABC):
         return out
 
 
+# Failures before anything was sent. A connect timeout (aiohttp >= 3.10) is a TimeoutError too, so it
+# is named here, before the generic timeout; a plain total timeout cannot tell when it struck: uncertain.
+_NOT_SENT: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (aiohttp.ClientConnectorError, getattr(aiohttp, "ConnectionTimeoutError", None),
+                    aiohttp.InvalidURL) if cls is not None)
+
+
 def _where(url: str) -> str:
     """A URL's path only: hosts are noise and query strings may hold signatures."""
     parts = urlsplit(url)
@@ -443,45 +505,79 @@ def _square_ratio(extra: Mapping[str, Any], default: str) -> str:
 
 # -- OpenAI Images (and any compatible server) --------------------------------------------------
 
+OPENAI_SIDE = 1024  # every one of OpenAI's own models draws 1024x1024 (serve/openai_images.py)
+
+
 class OpenAIImagesProvider(ImageProvider):
     """`POST {base_url}/images/generations` with `Authorization: Bearer`, JSON
     {"model", "prompt", "n": 1, "size": "WxH", "response_format"?, "seed"?}
     -> 200 {"created", "data": [{"b64_json"} | {"url"}]}.
 
-    gpt-image-* models always answer base64 and reject `response_format`, so
-    it is sent only to other models ("b64_json" unless extra["response_format"]
-    is "url"; DALL-E URLs expire after an hour). `seed` is our extension, sent
-    to compatible servers (the embedded teachers honour it) but not to OpenAI's
-    own models (extra["send_seed"] overrides). extra["size"] (e.g. "1024x1024")
-    replaces the teacher's size, for models that only draw fixed sizes.
+    OpenAI's own models (gpt-image-*, dall-e-*) are sent what images/create
+    documents for them: no `seed` (there is none: OpenAI answers 400
+    unknown_parameter), no `response_format` to gpt-image-* (they always
+    answer base64; others get "b64_json" unless extra["response_format"] is
+    "url"; DALL-E URLs expire after an hour), and a size the model draws:
+    extra["size"] if set (checked against OPENAI_SIZES when the model is made),
+    else "1024x1024", which every one of them draws; the caller scales that
+    down to its teacher size. A misconfigured model (a size it does not draw,
+    a seed in extra["params"] or extra["send_seed"]) raises ValueError at
+    construction, before any money is spent.
+
+    Any other model name is an OpenAI-compatible server (the embedded teachers,
+    edgen, ...): it is asked for the teacher's own size (or extra["size"]) and
+    sent `seed`, our extension, which those servers honour.
+
     Refusals: 400 code "moderation_blocked" / "content_policy_violation";
     an empty account is 429 "insufficient_quota" (not retryable).
     Docs: platform.openai.com/docs/api-reference/images/create."""
 
     kind = "openai"
+    options = frozenset({"size", "response_format", "send_seed"})
+
+    def __init__(self, base_url: str | None, model: str, api_key: str | None, **kw: Any) -> None:
+        super().__init__(base_url, model, api_key, **kw)
+        if not self._official():
+            return
+        if "seed" in self._params or self.extra.get("send_seed"):
+            raise ValueError(f"OpenAI model {self.model!r} takes no 'seed' (images/create documents none; "
+                             "OpenAI answers 400 unknown_parameter): drop it from extra['params'] / "
+                             "extra['send_seed']")
+        family = openai_family(self.model)
+        fixed = self._fixed_size()
+        if family is not None and fixed is not None and fixed not in OPENAI_SIZES[family]:
+            raise ValueError(f"OpenAI model {self.model!r} does not draw size {fixed!r}; it draws "
+                             f"{', '.join(OPENAI_SIZES[family])} (images/create `size`)")
 
     def _official(self) -> bool:
         return self.model.startswith(("gpt-image", "dall-e"))
 
-    def requested_side(self, size: int) -> int:
-        fixed = self.extra.get("size")
+    def _fixed_size(self) -> str | None:
+        """The size configured for every request (extra["params"]["size"] wins, as it is sent last)."""
+        fixed = self._params.get("size") or self.extra.get("size")
+        return str(fixed) if fixed else None
+
+    def _size(self, size: int) -> str:
+        """The `size` sent for a teacher image of `size` px."""
+        fixed = self._fixed_size()
         if fixed:
-            w, _, h = str(fixed).partition("x")
-            return int(w) if w == h and w.isdigit() else size
-        return size
+            return fixed
+        return f"{OPENAI_SIDE}x{OPENAI_SIDE}" if self._official() else f"{size}x{size}"
+
+    def requested_side(self, size: int) -> int:
+        w, _, h = self._size(size).partition("x")
+        if w == h and w.isdigit():
+            return int(w)
+        return OPENAI_SIDE if self._official() else size  # "auto" or a non-square OpenAI size: 1024 across
 
     def expected_side(self, size: int) -> int | None:
-        fixed = self.extra.get("size")
-        if fixed:
-            w, _, h = str(fixed).partition("x")
-            return int(w) if w == h and w.isdigit() else None
-        return size
+        w, _, h = self._size(size).partition("x")
+        return int(w) if w == h and w.isdigit() else None  # "auto" and non-square sizes are not checked
 
     async def submit(self, session: aiohttp.ClientSession, prompt: str, seed: int, size: int, *,
                      idempotency_key: str | None = None) -> ImageJob:
         url = f"{self.base_url}/images/generations"
-        payload: dict[str, Any] = {"model": self.model, "prompt": prompt, "n": 1,
-                                   "size": str(self.extra.get("size") or f"{size}x{size}")}
+        payload: dict[str, Any] = {"model": self.model, "prompt": prompt, "n": 1, "size": self._size(size)}
         if not self.model.startswith("gpt-image"):
             payload["response_format"] = self.extra.get("response_format", "b64_json")
         if self.extra.get("send_seed", not self._official()):
@@ -522,9 +618,11 @@ class BFLProvider(ImageProvider):
     -> 200 {"id", "polling_url"}. `GET polling_url` (with x-key) -> {"id",
     "status", "result", "progress", "details"}; status Pending, Ready (result
     {"sample": url}, signed and valid ~10 minutes), Error, Request Moderated,
-    Content Moderated, Task not found. HTTP errors: 402 credits, 403 key,
-    422 invalid body (FastAPI {"detail": [...]}), 429 too many active tasks.
-    Width/height must be multiples of 32 within [256, 1440], so a 32 px
+    Content Moderated, Task not found. A moderated task is content_policy and
+    free (help.bfl.ai: not charged); an Error task is taken as charged. HTTP
+    errors: 402 credits, 403 key, 422 invalid body (FastAPI {"detail": [...]}),
+    429 too many active tasks (24 in flight, 6 on flux-kontext-max; no
+    Retry-After documented). Width/height must be multiples of 32 within [256, 1440], so a 32 px
     teacher size is asked for as 256 px (returned as drawn, not resized); the
     size is checked against what was asked.
     Docs: docs.bfl.ai (api_integration/errors, api-reference/utility/get-result)."""
@@ -570,11 +668,13 @@ class BFLProvider(ImageProvider):
                 return None
             details = f" ({json.dumps(data.get('details'))[:200]})" if data.get("details") else ""
             if status in ("Request Moderated", "Content Moderated"):
-                raise self._error("content_policy", 200, f"task {job.job_id}: {status}{details}")
+                # help.bfl.ai "Why is my prompt getting moderated?": not charged for a moderated status.
+                raise self._error("content_policy", 200, f"task {job.job_id}: {status} (not charged){details}",
+                                  free=True)
             if status == "Task not found":
                 raise self._error("not_found", 200,
                                   f"task {job.job_id} not found (unknown, or its result expired)")
-            if status == "Error":
+            if status == "Error":  # not documented as free: taken as charged (see serve/provider_sims.py BFLSim)
                 raise self._error("failed", 200, f"task {job.job_id} failed{details}")
             raise self._error("failed", 200, f"task {job.job_id}: unexpected status {status!r}")
 
@@ -636,8 +736,10 @@ class FalProvider(ImageProvider):
                 if data.get("error"):
                     etype = str(data.get("error_type") or "")
                     kind = "content_policy" if _POLICY.search(etype) else "failed"
-                    raise self._error(kind, 200,
-                                      f"request {job.job_id} failed: {data['error']} ({etype or 'no type'})")
+                    # docs.fal.ai model-apis/pricing: "You pay only for successful outputs"; failed requests
+                    # (5xx) are not billed (model-endpoints/reliability).
+                    raise self._error(kind, 200, f"request {job.job_id} failed: {data['error']} "
+                                      f"({etype or 'no type'}; not charged)", free=True)
                 return True
             raise self._error("failed", 200, f"request {job.job_id}: unexpected status {status!r}")
 
@@ -666,7 +768,9 @@ class ReplicateProvider(ImageProvider):
     JSON {"input": {"prompt", "seed", "aspect_ratio": "1:1", "output_format":
     "png", "num_outputs": 1}} -> 201 prediction {"id", "status", "output",
     "error", "urls": {"get", "cancel"}}. `GET urls.get` until status is
-    succeeded / failed / canceled (starting, processing before). Output is a
+    succeeded / failed / canceled / aborted (starting, processing before;
+    docs topics/predictions/lifecycle). Canceled predictions are billed for
+    the time they ran, aborted ones (never started) are free. Output is a
     URL or list of URLs (replicate.delivery, removed after an hour).
     Errors are problem+json {"title", "detail", "status"}: 401, 402
     insufficient credit, 404, 422 invalid input, 429 throttled. A flagged
@@ -676,6 +780,7 @@ class ReplicateProvider(ImageProvider):
     (topics/predictions/create-a-prediction, reference/http)."""
 
     kind = "replicate"
+    options = frozenset({"wait_s", "input", "aspect_ratio"})
     exact_size = False
 
     def _wait_s(self) -> int:
@@ -719,8 +824,13 @@ class ReplicateProvider(ImageProvider):
         if status == "failed":
             kind = "content_policy" if _POLICY_TEXT.search(error) else "failed"
             raise self._error(kind, 200, f"prediction {pred.get('id')} failed: {error or 'no error given'}")
-        if status == "canceled":
+        if status == "canceled":  # billed for the time it ran (replicate.com/docs/billing)
             raise self._error("failed", 200, f"prediction {pred.get('id')} was canceled")
+        if status == "aborted":
+            # replicate.com/docs/topics/predictions/lifecycle: "exceeded its deadline before it could start
+            # running"; changelog 2025-10-16-prediction-deadlines: not charged for aborted ones.
+            raise self._error("failed", 200, f"prediction {pred.get('id')} was aborted: its deadline passed "
+                              "before it started running (not charged)", free=True)
         raise self._error("failed", 200, f"prediction {pred.get('id')}: unexpected status {status!r}")
 
     async def collect(self, session: aiohttp.ClientSession, job: ImageJob, size: int) -> list[GeneratedImage]:
@@ -749,6 +859,7 @@ class StabilityProvider(ImageProvider):
     (generate core/ultra/sd3), schema GenerateImageResponse."""
 
     kind = "stability"
+    options = frozenset({"aspect_ratio"})
     exact_size = False
 
     def _path(self) -> tuple[str, dict[str, str]]:
@@ -801,6 +912,7 @@ class IdeogramProvider(ImageProvider):
     Docs: developer.ideogram.ai (api-reference, quickstart)."""
 
     kind = "ideogram"
+    options = frozenset({"rendering_speed", "path", "aspect_ratio"})
     exact_size = False
 
     def _auth_headers(self) -> dict[str, str]:

@@ -3,11 +3,20 @@
 A gateway keeps its teacher's client-side limits (`rpm` paced by a leaky
 bucket, `max_in_flight` by a semaphore), retries what can be retried (429,
 5xx, timeouts; exponential backoff with full jitter, or the server's
-Retry-After), never spends past `budget` (in-flight calls reserve their price
-before they go out), and never pays twice for one key (teacher, prompt, seed,
-size): the ledger remembers every purchase across restarts, and concurrent
-requests for the same key share one call. Images go to the content-addressed
-store, then the ledger, as soon as they arrive.
+Retry-After), never spends past `budget`, and never pays twice for one key
+(teacher, prompt, seed, size) that it knows it bought: the ledger
+(`evolve/ledger.py`) remembers every purchase across restarts, and concurrent
+requests for the same key share one call.
+
+Every paid call is a row in the ledger before it goes out (`sending`: counted
+as spent, uncertain), and its answer settles it: `unbilled` (an HTTP error
+answer), `open` (a billed job to collect), `bought`, `failed` or `refused`.
+A call whose outcome stays unknown (timed out, connection lost after the
+request went out, the gateway killed while it was in flight) stays counted as
+`uncertain` spend. Where the server honours Idempotency-Key (this project's
+own servers) it is simply asked again; elsewhere (every public API) the image
+is not bought again unless the teacher says `on_uncertain: rebuy`, which
+counts the second charge too. Budgets count certain + uncertain spend.
 
     gw = TeacherGateway(cfg, base_url, store_root, ledger_path, size)   # plain, in one event loop
     handle = start_gateway(cfg, base_url, store_root, ledger_path, size)  # Ray actor "teacher:<name>"
@@ -35,7 +44,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from actors.teacher_http import GeneratedImage, TeacherHTTPError
 from actors.providers import ImageJob, ProviderError, make_provider
 from evolve.config import TeacherConfig
-from evolve.ledger import JobLog, Ledger
+from evolve.ledger import Ledger, Totals
 from evolve.store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -44,14 +53,15 @@ _EPS = 1e-9  # float slack when comparing spend with budget
 
 
 class BudgetExceeded(RuntimeError):
-    """Paying for one more image would take the teacher past its budget."""
+    """Paying for one more image would take the teacher past its budget
+    (certain spend plus uncertain: calls in flight or of unknown outcome)."""
 
-    def __init__(self, teacher: str, spent: float, budget: float, reserved: float = 0.0) -> None:
-        super().__init__(teacher, spent, budget, reserved)  # args make it picklable (Ray)
-        self.teacher, self.spent, self.budget, self.reserved = teacher, spent, budget, reserved
+    def __init__(self, teacher: str, spent: float, budget: float, uncertain: float = 0.0) -> None:
+        super().__init__(teacher, spent, budget, uncertain)  # args make it picklable (Ray)
+        self.teacher, self.spent, self.budget, self.uncertain = teacher, spent, budget, uncertain
 
     def __str__(self) -> str:
-        extra = f" + {self.reserved:.4f} in flight" if self.reserved else ""
+        extra = f" + {self.uncertain:.4f} uncertain" if self.uncertain else ""
         return f"teacher {self.teacher}: budget {self.budget:.4f} reached (spent {self.spent:.4f}{extra})"
 
 
@@ -87,54 +97,70 @@ class GatewayMetrics:
         self.throttled = Counter("evolve_teacher_throttled", "429 answers", tag_keys=keys)
         self.bought = Counter("evolve_teacher_images_bought", "images paid for", tag_keys=keys)
         self.cache_hits = Counter("evolve_teacher_cache_hits", "images served from the ledger", tag_keys=keys)
-        self.spend = Gauge("evolve_teacher_spend_usd", "money spent on this teacher", tag_keys=keys)
+        self.spend = Gauge("evolve_teacher_spend_usd", "money spent on this teacher (certain + uncertain)",
+                           tag_keys=keys)
+        self.uncertain = Gauge("evolve_teacher_spend_uncertain_usd",
+                               "of which calls in flight or of unknown outcome", tag_keys=keys)
         self.latency = Histogram("evolve_teacher_latency_s", "seconds per teacher call",
                                  boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
                                  tag_keys=keys)
+
+    def spent(self, totals: Totals) -> None:
+        self.spend.set(totals.spent, tags=self.tags)
+        self.uncertain.set(totals.uncertain, tags=self.tags)
 
     def call(self, seconds: float, outcome: str) -> None:
         self.requests.inc(1, tags={**self.tags, "outcome": outcome})
         self.latency.observe(seconds, tags=self.tags)
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TeacherHTTPError) and exc.retryable
+def _is_uncertain(exc: BaseException) -> bool:
+    """A paid call that may have been billed: sent, but no answer came (timed out,
+    connection lost after sending)."""
+    return bool(getattr(exc, "uncertain", False))
+
+
+_UNKNOWN_SKIPPED = ("an earlier paid call for this image may have been billed (its outcome is unknown); "
+                    "not bought again (on_uncertain: skip)")
 
 
 def _kind(exc: TeacherHTTPError) -> str:
     return exc.kind if isinstance(exc, ProviderError) else ("transient" if exc.retryable else "failed")
 
 
-# Refusals of the prompt itself: never sent again. (auth, credits, not_found are
-# about the account or the config, not the prompt.)
-_PROMPT_REFUSALS = ("content_policy", "bad_request")
+# Refusals of the prompt itself: never sent again. A safety placeholder (a blank
+# image where the provider's filter flagged the result) is one too. (auth,
+# credits, not_found are about the account or the config, not the prompt.)
+_PROMPT_REFUSALS = ("content_policy", "bad_request", "safety_placeholder")
 
 
 class TeacherGateway:
     def __init__(self, cfg: TeacherConfig | Mapping[str, Any], base_url: str, store_root: str | Path,
-                 ledger_path: str | Path, size: int, *, max_attempts: int = 6, timeout_s: float = 60.0,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0) -> None:
+                 ledger_path: str | Path, size: int, *, max_attempts: int | None = None,
+                 timeout_s: float | None = None, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0) -> None:
         self.cfg = cfg if isinstance(cfg, TeacherConfig) else TeacherConfig.model_validate(cfg)
         self.name = self.cfg.name
         self.base_url = base_url
         self.size = int(size)
         self.model = self.cfg.model or self.cfg.name
-        self.max_attempts = max_attempts
-        self.timeout_s = timeout_s
+        # The teacher's own settings; the keywords override them (tests, benchmarks).
+        self.max_attempts = max_attempts or self.cfg.max_attempts
+        self.timeout_s = timeout_s or self.cfg.timeout_s
+        self.idempotent = self.cfg.honours_idempotency
         self._backoff = wait_random_exponential(multiplier=backoff_base_s, max=backoff_max_s)
         # Read once, kept private: never logged, never part of a message or repr.
         self._api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
         self._store = ImageStore(store_root)
         self._ledger = Ledger(ledger_path)
-        # Jobs billed but not yet in the ledger, and prompts refused for good.
-        self._jobs = JobLog(Path(ledger_path).with_suffix(".jobs.jsonl"))
-        self._spent = self._ledger.spent(self.name) + self._jobs.spent(self.name)
+        # Calls that were going out when an earlier gateway of this teacher died:
+        # nobody knows whether they were billed.
+        for call in self._ledger.calls_in(self.name, ("sending",)):
+            self._ledger.mark(call["id"], "uncertain", why="the gateway stopped while this call was in flight")
         self._provider = make_provider("openai" if self.cfg.kind == "embedded" else self.cfg.kind,
-                                       base_url, self.model, self._api_key, timeout_s=timeout_s,
+                                       base_url, self.model, self._api_key, timeout_s=self.timeout_s,
                                        poll_interval_s=self.cfg.poll_interval_s, max_poll_s=self.cfg.max_poll_s,
                                        extra=self.cfg.provider_options)
         self._no_credits: str | None = None  # set when the provider says the account is empty
-        self._reserved_calls = 0
         self._inflight: dict[tuple[str, str, int, int], asyncio.Task[dict[str, Any]]] = {}
         # One request per 60/rpm seconds, no burst: providers enforce RPM over
         # sub-minute windows, so a minute's quota sent at once would be throttled.
@@ -143,9 +169,11 @@ class TeacherGateway:
         self._pause_until = 0.0  # after a 429 with Retry-After, hold back every request
         self._session: aiohttp.ClientSession | None = None
         self._counts = {"paid_calls": 0, "cache_hits": 0, "retries": 0, "throttled_429": 0,
-                        "errors": 0, "budget_refusals": 0, "resumed_jobs": 0, "refused": 0}
+                        "errors": 0, "budget_refusals": 0, "resumed_jobs": 0, "refused": 0,
+                        "uncertain_now": 0, "rebought": 0, "skipped_uncertain": 0,
+                        "failed_before": 0}
         self._metrics = GatewayMetrics(self.name)
-        self._metrics.spend.set(self._spent, tags=self._metrics.tags)
+        self._metrics.spent(self._totals())
 
     # -- public --------------------------------------------------------------
     async def render(self, prompt: str, seed: int) -> dict[str, Any]:
@@ -165,7 +193,7 @@ class TeacherGateway:
         if task is not None:  # someone is paying for this key right now: share their call
             self._counts["cache_hits"] += 1
             return self._result(await asyncio.shield(task), cached=True)
-        task = asyncio.ensure_future(self._buy(prompt, seed))
+        task = asyncio.ensure_future(self._buy(prompt, seed, lost=entry is not None))
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._settled(key, t))
         # shield: a cancelled caller must not cancel a call others share or that is paid.
@@ -189,10 +217,13 @@ class TeacherGateway:
         return "evolve-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
 
     def stats(self) -> dict[str, Any]:
-        return {"teacher": self.name, "spent": self._spent, "budget": self.cfg.budget,
-                "reserved": self._reserved_calls * self.cfg.price_per_image,
-                "in_flight": len(self._inflight), "open_jobs": len(self._jobs.entries("open")),
-                **self._counts}
+        """Spend is certain + uncertain (what budgets count); `uncertain` is the
+        part whose calls may or may not have been billed."""
+        totals = self._totals()
+        return {"teacher": self.name, "spent": totals.spent, "certain": totals.certain,
+                "uncertain": totals.uncertain, "uncertain_calls": totals.uncertain_calls,
+                "budget": self.cfg.budget, "images": totals.images, "in_flight": len(self._inflight),
+                "open_jobs": len(self._ledger.calls_in(self.name, ("open",))), **self._counts}
 
     def pid(self) -> int:
         """The process this gateway runs in (operators and the kill test signal it)."""
@@ -209,112 +240,172 @@ class TeacherGateway:
         if not task.cancelled():
             task.exception()  # retrieved here, so an unawaited failure is not reported as lost
 
-    async def _buy(self, prompt: str, seed: int) -> dict[str, Any]:
+    def _totals(self) -> Totals:
+        return self._ledger.totals(self.name)
+
+    async def _buy(self, prompt: str, seed: int, lost: bool = False) -> dict[str, Any]:
         key = (self.name, prompt, seed, self.size)
-        earlier = self._jobs.get(*key)
-        if earlier is not None and earlier["state"] == "refused":
-            self._counts["refused"] += 1
-            raise TeacherGatewayError(self.name, prompt, seed, 0, earlier.get("status"),
-                                      f"refused earlier: {earlier.get('why', '')}", True, earlier["kind"])
-        if earlier is not None and earlier["state"] == "open":
+        earlier = [] if lost else self._ledger.calls(*key)
+        for call in earlier:
+            if call["state"] == "refused":
+                self._counts["refused"] += 1
+                raise TeacherGatewayError(self.name, prompt, seed, 0, call.get("status"),
+                                          f"refused earlier: {call.get('why', '')}", True, call.get("kind", "refused"))
+            if call["state"] == "failed" and call["price"] > 0:
+                # Billed once for nothing (a failed job, an expired URL): not paid for again.
+                self._counts["failed_before"] += 1
+                raise TeacherGatewayError(self.name, prompt, seed, 0, call.get("status"),
+                                          f"failed earlier, billed without an image; not bought again: "
+                                          f"{call.get('why', '')}", True, call.get("kind", "failed"))
+        opened = next((c for c in reversed(earlier) if c["state"] == "open"), None)
+        if opened is not None:
             # Paid before a restart, never collected: collect it now, free.
             self._counts["resumed_jobs"] += 1
-            job = ImageJob.from_record(earlier["job"])
-            image = await self._collect(prompt, seed, job, earlier["price"], logged=True)
-            return self._keep(prompt, seed, image, earlier["price"], logged=True)
+            job = ImageJob.from_record(opened["job"])
+            return self._keep(prompt, seed, await self._collect(prompt, seed, job, opened), opened["id"])
+        unknown = next((c for c in reversed(earlier) if c["state"] == "uncertain"), None)
         if self._no_credits:
             raise TeacherGatewayError(self.name, prompt, seed, 0, None, self._no_credits, True, "credits")
-        price = self.cfg.price_per_image
-        reserved = self._reserved_calls * price
-        if self._spent + reserved + price > self.cfg.budget + _EPS:
-            self._counts["budget_refusals"] += 1
-            raise BudgetExceeded(self.name, self._spent, self.cfg.budget, reserved)
-        self._reserved_calls += 1  # no await between the check and the reservation
-        try:
-            job = await self._submit_with_retries(prompt, seed)
+        if unknown is not None and not self.idempotent:
+            if self.cfg.on_uncertain == "skip":
+                self._counts["skipped_uncertain"] += 1
+                raise TeacherGatewayError(self.name, prompt, seed, 0, None, _UNKNOWN_SKIPPED, True, "uncertain")
+            self._counts["rebought"] += 1
+            unknown = None  # that charge stays counted; this is a new purchase
+        # An idempotent server is asked again under the same key: it bills it at most once.
+        job, call = await self._submit_with_retries(prompt, seed, unknown)
+        if job.images is None:
             # An image not in hand yet (a job to poll, a URL to fetch) is logged
             # before collecting: a restart then collects it instead of paying again.
-            logged = job.images is None
-            if logged:
-                self._jobs.set(*key, "open", price, job=job.to_record())
-                self._spent += price
-            image = await self._collect(prompt, seed, job, price, logged)
-            return self._keep(prompt, seed, image, price, logged)
-        finally:
-            self._reserved_calls -= 1
+            self._ledger.mark(call, "open", job=job.to_record())
+        return self._keep(prompt, seed, await self._collect(prompt, seed, job, self._ledger.call(call)), call)
 
-    async def _submit_with_retries(self, prompt: str, seed: int) -> ImageJob:
-        """The paid call, retried while retrying can help; a prompt refused for
-        good is recorded so it is never sent again."""
-        attempts = 0
+    def _reserve(self, prompt: str, seed: int, call: dict[str, Any] | None) -> int:
+        """The ledger row of the next paid call, written (as `sending`, counted as
+        spent) before the call goes out; refused if the budget cannot take it."""
+        price = self.cfg.price_per_image
+        already = call is not None and call["state"] in ("sending", "uncertain")  # counted already
+        totals = self._totals()
+        if not already and totals.spent + price > self.cfg.budget + _EPS:
+            self._counts["budget_refusals"] += 1
+            raise BudgetExceeded(self.name, totals.certain, self.cfg.budget, totals.uncertain)
+        if call is None:
+            return self._ledger.begin(self.name, prompt, seed, self.size, price)
+        self._ledger.mark(call["id"], "sending", price=price)
+        return call["id"]
 
-        async def once() -> ImageJob:
-            nonlocal attempts
+    async def _submit_with_retries(self, prompt: str, seed: int,
+                                   call: dict[str, Any] | None) -> tuple[ImageJob, int]:
+        """The paid call, retried while retrying can help and cannot pay twice for
+        nothing; returns the job and its ledger row. A prompt refused for good is
+        recorded so it is never sent again."""
+        attempts, unknown_before = 0, False
+
+        async def once() -> tuple[ImageJob, int]:
+            nonlocal attempts, call, unknown_before
             attempts += 1
-            return await self._attempt(prompt, seed)
+            if unknown_before and call is None:
+                self._counts["rebought"] += 1  # the last call may have been billed: this one pays again
+            row: list[int] = []  # the ledger row, once the call is about to go out
+            try:
+                return await self._attempt(prompt, seed, call, row), row[0]
+            except TeacherHTTPError as exc:
+                if row:
+                    call = self._settle_failed_call(row[0], exc)
+                    unknown_before = _is_uncertain(exc)
+                raise
 
         retrying = AsyncRetrying(stop=stop_after_attempt(self.max_attempts), wait=self._wait,
-                                 retry=retry_if_exception(_retryable), before_sleep=self._before_retry,
+                                 retry=retry_if_exception(self._retryable), before_sleep=self._before_retry,
                                  reraise=True)
         try:
             return await retrying(once)
         except TeacherHTTPError as exc:
             self._counts["errors"] += 1
             kind = _kind(exc)
-            if kind in _PROMPT_REFUSALS:
-                self._jobs.set(self.name, prompt, seed, self.size, "refused", 0.0, kind=kind,
-                               status=exc.status, why=str(exc)[:500])
-            elif kind == "credits":
+            if _is_uncertain(exc) and not self.idempotent and self.cfg.on_uncertain == "skip":
+                raise TeacherGatewayError(self.name, prompt, seed, attempts, exc.status,
+                                          f"{exc}; {_UNKNOWN_SKIPPED}", True, "uncertain") from None
+            if kind == "credits":
                 self._no_credits = str(exc)[:500]
             raise TeacherGatewayError(self.name, prompt, seed, attempts, exc.status, str(exc),
                                       permanent=not exc.retryable, kind=kind) from None
 
-    async def _collect(self, prompt: str, seed: int, job: ImageJob, price: float, logged: bool) -> GeneratedImage:
+    def _settle_failed_call(self, row: int, exc: TeacherHTTPError) -> dict[str, Any] | None:
+        """Record what a failed paid call cost; returns the row the next attempt
+        may reuse (None: the next attempt is a new purchase)."""
+        kind = _kind(exc)
+        detail = {"kind": kind, "status": exc.status, "why": str(exc)[:500]}
+        if _is_uncertain(exc):
+            self._counts["uncertain_now"] += 1
+            self._ledger.mark(row, "uncertain", **detail)
+            log.warning("teacher %s: a paid call's outcome is unknown (%s); counted as spent", self.name, exc)
+            if self.idempotent:
+                return self._ledger.call(row)  # asked again under the same key: billed at most once
+            return None  # asked again (on_uncertain: rebuy) only as a new purchase
+        # A 2xx answer was billed even if what came with it is unusable; an HTTP
+        # error answer (429, 5xx, 4xx) is not billed (ImageProvider's docstring).
+        billed = exc.status is not None and 200 <= exc.status < 300
+        if kind in _PROMPT_REFUSALS:
+            self._ledger.mark(row, "refused", price=self.cfg.price_per_image if billed else 0.0, **detail)
+        elif billed:
+            self._ledger.mark(row, "failed", **detail)
+        else:
+            self._ledger.mark(row, "unbilled", price=0.0, **detail)
+            return self._ledger.call(row)
+        return None
+
+    def _retryable(self, exc: BaseException) -> bool:
+        if not (isinstance(exc, TeacherHTTPError) and exc.retryable):
+            return False
+        # An unknown outcome is asked again only where that cannot pay twice, or where the teacher says so.
+        return not _is_uncertain(exc) or self.idempotent or self.cfg.on_uncertain == "rebuy"
+
+    async def _collect(self, prompt: str, seed: int, job: ImageJob, call: dict[str, Any]) -> GeneratedImage:
         """Poll, download and check a paid job (free, repeatable). A job that can
         still finish stays open for the next call; one that cannot is recorded as
-        money spent for nothing."""
+        money spent for nothing (unless the provider documents it as free)."""
         try:
             images = await self._provider.collect(self._client(), job, self.size)
         except ProviderError as exc:
             self._counts["errors"] += 1
             if not exc.retryable:
                 # A moderated job is a refusal of the prompt (never sent again); any
-                # other dead job may be bought again later. Either way it was billed.
+                # other dead job is bought again only if it was free.
                 state = "refused" if exc.kind in _PROMPT_REFUSALS else "failed"
-                self._jobs.set(self.name, prompt, seed, self.size, state, price, kind=exc.kind,
-                               status=exc.status, why=str(exc)[:500], job=job.to_record())
-                if not logged:
-                    self._spent += price  # the inline image was billed, and it is unusable
+                price = 0.0 if getattr(exc, "free", False) else call["price"]
+                self._ledger.mark(call["id"], state, price=price, kind=exc.kind, status=exc.status,
+                                  why=str(exc)[:500], job=job.to_record())
             raise TeacherGatewayError(self.name, prompt, seed, 1, exc.status, str(exc),
                                       permanent=not exc.retryable, kind=exc.kind) from None
         return images[0]
 
-    def _keep(self, prompt: str, seed: int, image: GeneratedImage, price: float, logged: bool) -> dict[str, Any]:
+    def _keep(self, prompt: str, seed: int, image: GeneratedImage, call: int) -> dict[str, Any]:
         # Store first, then ledger: a ledger entry always points at a stored image.
         png, native = _to_size(image.png, self.size)
         ref = self._store.put(png)
         entry = {"teacher": self.name, "prompt": prompt, "seed": seed, "size": self.size,
-                 "ref": ref, "price": price, "ts": time.time()}
+                 "ref": ref, "price": self._ledger.call(call)["price"], "ts": time.time(), "call": call}
         if image.flaws:
             entry["flaws"] = image.flaws
         if native != self.size:
             entry["native_size"] = native
         entry = self._ledger.record(entry)
-        if logged:
-            self._jobs.set(self.name, prompt, seed, self.size, "closed", 0.0)
-        else:
-            self._spent += price
         self._counts["paid_calls"] += 1
         self._metrics.bought.inc(1, tags=self._metrics.tags)
-        self._metrics.spend.set(self._spent, tags=self._metrics.tags)
+        self._metrics.spent(self._totals())
         return entry
 
-    async def _attempt(self, prompt: str, seed: int) -> ImageJob:
+    async def _attempt(self, prompt: str, seed: int, call: dict[str, Any] | None, row: list[int]) -> ImageJob:
+        """One paid call, when the limits let it go out. Its ledger row is written
+        (into `row`) only then, after every wait: a call still queued here when
+        the process dies was never sent, and is not counted."""
         async with self._slots:
             loop = asyncio.get_running_loop()
             while (delay := self._pause_until - loop.time()) > 0:
                 await asyncio.sleep(delay)
             await self._limiter.acquire()
+            row.append(self._reserve(prompt, seed, call))  # no await between the budget check and the row
             t0 = time.perf_counter()
             try:
                 job = await self._provider.submit(self._client(), prompt, seed, self.size,
@@ -377,11 +468,24 @@ def _to_size(png: bytes, size: int) -> tuple[bytes, int]:
 
 
 # The actor runs every render on one event loop; many may wait on the limiter at once.
-RemoteTeacherGateway = ray.remote(num_cpus=0.05, max_concurrency=1000)(TeacherGateway)
+# A gateway killed (its node lost, kill -9) is started again and the calls it was
+# running are asked again: the ledger makes that safe (what was bought is
+# answered from it, what was in flight is counted as uncertain).
+RemoteTeacherGateway = ray.remote(num_cpus=0.05, max_concurrency=1000, max_restarts=-1,
+                                  max_task_retries=-1)(TeacherGateway)
 
 
 def start_gateway(cfg: TeacherConfig, base_url: str, store_root: str | Path, ledger_path: str | Path,
                   size: int, **options: Any) -> Any:
-    """Create the named Ray actor `teacher:<name>` for one teacher; returns its handle."""
-    return RemoteTeacherGateway.options(name=f"teacher:{cfg.name}").remote(
+    """Create the named Ray actor `teacher:<name>` for one teacher; returns its handle.
+    Its limits, timeout and policies come from `cfg`; `options` override the
+    gateway's keywords (max_attempts, timeout_s, backoff_base_s, backoff_max_s).
+
+    It runs on the caller's node (the driver's): every process that writes the
+    ledger is then on one host, which SQLite's WAL needs (it shares memory
+    between them), even when the run folder is a network mount."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return RemoteTeacherGateway.options(name=f"teacher:{cfg.name}", scheduling_strategy=here).remote(
         cfg, base_url, str(store_root), str(ledger_path), size, **options)

@@ -2,7 +2,7 @@
 
     python benchmarks/teacher_gateway.py [--out benchmarks/results/teacher_gateway.jsonl]
 
-Three measurements, one run:
+Two measurements, one run (faults, kills and spend: benchmarks/spend_campaign.py):
 
 rate      the server allows R requests/min (sliding window) and answers in L s;
           1, 4 and 16 caller actors share one gateway actor (the teacher's only
@@ -10,11 +10,6 @@ rate      the server allows R requests/min (sliding window) and answers in L s;
           over the whole call (first request to last answer, ramp included)
           and in steady state (first to last purchase in the ledger; goal
           >= 0.95), and the server's 429 count (goal 0).
-faults    ~20% of calls fail: 500/503s, 429s (the client is set above the
-          server's limit), and stalls (billed, but answered after the client's
-          timeout). Every prompt must end with an image or a typed failure, and
-          the server must charge no key twice (it honours Idempotency-Key, so a
-          retried stall gets its billed image back).
 overhead  sequential calls, no latency: the provider client alone, the gateway
           in-process (ledger, store, limiter, retries), and the gateway actor
           (one Ray call per image); ms per call, interleaved in one run.
@@ -84,7 +79,7 @@ def rate(rpm: float, latency: float, callers: int, n: int, window_s: float) -> d
                    latency_s=latency) as (sim, url), tempfile.TemporaryDirectory() as d:
         # A hair under the server's rate: the gateway paces evenly, the server counts a window.
         cfg = teacher(rpm=rpm * 0.97)
-        gw = start_gateway(cfg, url, f"{d}/img", f"{d}/ledger.jsonl", SIZE, timeout_s=10)
+        gw = start_gateway(cfg, url, f"{d}/img", f"{d}/ledger.sqlite", SIZE, timeout_s=10)
         actors = [Caller.remote() for _ in range(callers)]
         ray.get([a.ready.remote() for a in actors] + [gw.stats.remote()])  # processes up before timing
         todo = items(n)
@@ -96,7 +91,7 @@ def rate(rpm: float, latency: float, callers: int, n: int, window_s: float) -> d
         st = sim.stats()
         from evolve.ledger import Ledger
 
-        stamps = sorted(e["ts"] for e in Ledger(f"{d}/ledger.jsonl").entries())
+        stamps = sorted(e["ts"] for e in Ledger(f"{d}/ledger.sqlite").entries())
         ray.kill(gw)
         for a in actors:
             ray.kill(a)
@@ -109,46 +104,11 @@ def rate(rpm: float, latency: float, callers: int, n: int, window_s: float) -> d
             "steady_over_limit": round(steady / rpm, 3), "server_429s": st["429s"]}
 
 
-def faults(n: int) -> dict:
-    # ~20% of calls fail: 10% 500/503, ~5% stalls past the client's timeout, and 429s
-    # from a server limit under the client's pace.
-    with simulator(api_key=None, error_rate=0.10, stall_rate=0.05, stall_s=2.0, rate_limit_rpm=1500,
-                   rate_window_s=2.0, retry_after_s=0.2, seed=7) as (sim, url), tempfile.TemporaryDirectory() as d:
-        cfg = teacher(rpm=1800)
-        gw = TeacherGateway(cfg, url, f"{d}/img", f"{d}/ledger.jsonl", SIZE, timeout_s=0.5,
-                            backoff_base_s=0.05, backoff_max_s=0.5, max_attempts=8)
-
-        async def go() -> list[dict]:
-            try:
-                return await gw.render_many(items(n))
-            finally:
-                await gw.close()
-
-        t0 = time.perf_counter()
-        out = asyncio.run(go())
-        seconds = time.perf_counter() - t0
-        st = sim.stats()
-        charged = [sim.counts(p, s)["charged"] for p, s in items(n)]
-        from evolve.ledger import Ledger
-
-        ledger = Ledger(f"{d}/ledger.jsonl")
-    images = sum("ref" in r for r in out)
-    typed = [r["kind"] for r in out if "error" in r]
-    calls = sum(st["statuses"].values())
-    failed_calls = sum(v for k, v in st["statuses"].items() if k != "200")
-    return {"bench": "faults", "prompts": n, "images": images, "typed_failures": len(typed),
-            "failure_kinds": sorted(set(typed)), "unaccounted": n - images - len(typed),
-            "server_calls": calls, "server_failures": failed_calls, "stalls_replayed": st["replayed"],
-            "injected_failure_rate": round((failed_calls + st["replayed"]) / max(calls, 1), 3),
-            "keys_charged_twice": sum(c > 1 for c in charged), "server_charged": sum(charged),
-            "ledger_entries": len(ledger), "retries": gw.stats()["retries"], "seconds": round(seconds, 2)}
-
-
 def overhead(n: int, rounds: int) -> dict:
     with simulator(api_key=None) as (sim, url), tempfile.TemporaryDirectory() as d:
         cfg = teacher(rpm=1e7)
         provider = make_provider("openai", url, "teacher-x", None)
-        actor = start_gateway(cfg, url, f"{d}/actor-img", f"{d}/actor-ledger.jsonl", SIZE)
+        actor = start_gateway(cfg, url, f"{d}/actor-img", f"{d}/actor-ledger.sqlite", SIZE)
         times: dict[str, list[float]] = {"direct": [], "gateway": [], "gateway_actor": []}
 
         async def direct(todo):
@@ -157,7 +117,7 @@ def overhead(n: int, rounds: int) -> dict:
                     await provider.generate(s, p, seed, SIZE)
 
         async def gateway(todo, k):
-            gw = TeacherGateway(cfg, url, f"{d}/img{k}", f"{d}/ledger{k}.jsonl", SIZE)
+            gw = TeacherGateway(cfg, url, f"{d}/img{k}", f"{d}/ledger{k}.sqlite", SIZE)
             try:
                 for p, seed in todo:
                     await gw.render(p, seed)
@@ -190,14 +150,12 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=6.0,
                     help="server's sliding window, R scaled to it (real providers: 60 s)")
     ap.add_argument("--rate-images", type=int, default=150)
-    ap.add_argument("--fault-prompts", type=int, default=300)
     ap.add_argument("--overhead-calls", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = [rate(args.rpm, args.latency, c, args.rate_images, args.window) for c in (1, 4, 16)]
-    rows.append(faults(args.fault_prompts))
     rows.append(overhead(args.overhead_calls, rounds=3))
     ray.shutdown()
     stamp = time.strftime("%Y-%m-%d")

@@ -93,7 +93,8 @@ class RayTeachers:
                 serve.run(build_diffusers_teacher_app(dcfg), name=app, route_prefix=f"/{app}")
                 self.apps.append(app)
                 urls[t.name] = f"http://127.0.0.1:{cfg.serve_port}/{app}/v1"
-                t = t.model_copy(update={"kind": "openai", "model": t.model or dcfg.model_name, "pipeline": None})
+                t = t.model_copy(update={"kind": "openai", "model": t.model or dcfg.model_name, "pipeline": None,
+                                         "idempotency": t.honours_idempotency})
             teachers.append(t)
         self.gateways = {t.name: start_gateway(t, urls.get(t.name, t.base_url), folder.images, folder.ledger, size)
                          for t in teachers}

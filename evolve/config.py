@@ -181,7 +181,18 @@ class TeacherConfig(_Strict):
                                    "(e.g. openai: {'size': '1024x1024'}; replicate: {'version': ...})")
     poll_interval_s: float = Field(1.0, gt=0, description="submit-and-poll providers: seconds between polls")
     max_poll_s: float = Field(600.0, gt=0, description="give up collecting a job after this long")
-    timeout_s: float = Field(60.0, gt=0, description="one HTTP call")
+    timeout_s: float = Field(60.0, gt=0, description="one HTTP call: longer and the call's outcome is unknown")
+    max_attempts: int = Field(6, ge=1, description="paid calls tried per image (429, 5xx, lost calls)")
+    # A paid call whose outcome is unknown (timed out, connection lost after the
+    # request went out, the gateway killed mid-call) is counted as spent at once.
+    # skip: that image is not bought again (a typed failure, kind "uncertain");
+    # rebuy: it is bought again, and both charges are counted.
+    on_uncertain: Literal["skip", "rebuy"] = "skip"
+    # Whether the server honours `Idempotency-Key` (a repeated key is answered
+    # with the first, billed result, unbilled): then an unknown outcome is simply
+    # asked again. None: true for this project's own servers (embedded, diffusers),
+    # false for the public APIs, none of which documents it for image generation.
+    idempotency: bool | None = None
     price_per_image: float = Field(0.01, ge=0)
     latency_s: float = Field(0.02, ge=0, description="embedded server: seconds per image")
     rpm: float = Field(6000, gt=0, description="client-side requests per minute")
@@ -193,6 +204,11 @@ class TeacherConfig(_Strict):
     budget: float = Field(20.0, ge=0, description="most this teacher may be paid in one run")
     seed: int = 0
     flaws: FlawProfile = FlawProfile()
+
+    @property
+    def honours_idempotency(self) -> bool:
+        """Whether a repeated paid call with the same Idempotency-Key is billed once."""
+        return self.idempotency if self.idempotency is not None else self.kind in ("embedded", "diffusers")
 
     @model_validator(mode="after")
     def _remote_needs_model(self) -> "TeacherConfig":

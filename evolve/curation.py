@@ -175,9 +175,14 @@ class Curator:
     def training_images_bought(self) -> int:
         """Images paid for as training data, across restarts (the ledger; held-out
         images bought to score the models do not count)."""
-        if not self.heldout_keys:
-            return len(Ledger(self.folder.ledger))
-        return sum((e["prompt"], e["seed"]) not in self.heldout_keys for e in Ledger(self.folder.ledger).entries())
+        ledger = Ledger(self.folder.ledger)
+        try:  # the ledger's count, less the held-out keys it holds (a few lookups, not a read of every purchase)
+            size = self.cfg.student.image_size
+            heldout = sum(ledger.lookup(t.name, prompt, seed, size) is not None
+                          for t in self.cfg.teachers for prompt, seed in self.heldout_keys)
+            return len(ledger) - heldout
+        finally:
+            ledger.close()
 
     def affordable(self, cands: list[evolution.NewPrompt], quiet: bool = False) -> list[evolution.NewPrompt]:
         """The first candidates the run's caps still pay for: the total budget
@@ -190,12 +195,16 @@ class Curator:
         if not cands:
             return cands
         if self.cfg.budget is not None:
-            spent = sum(s["spent"] for s in self.parts.teachers.stats().values())
+            stats = self.parts.teachers.stats().values()
+            spent = sum(s["spent"] for s in stats)  # certain + uncertain: a call that may be billed counts
+            uncertain = sum(s.get("uncertain", 0.0) for s in stats)
             per_prompt = sum(t.price_per_image for t in self.cfg.teachers)
             if per_prompt > 0:
                 n = min(n, max(0, int((self.cfg.budget - spent + 1e-9) // per_prompt)))
             if n < len(cands):
-                say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent, {n} of {len(cands)} new prompts bought")
+                of_which = f" (${uncertain:.2f} of it uncertain)" if uncertain > 1e-9 else ""
+                say(f"total budget ${self.cfg.budget:.2f}: ${spent:.2f} spent{of_which}, "
+                    f"{n} of {len(cands)} new prompts bought")
         if self.cfg.max_images is not None:
             bought = self.training_images_bought()
             left = max(0, (self.cfg.max_images - bought) // (self.images_per_prompt or len(self.cfg.teachers)))

@@ -94,7 +94,8 @@ def _header(rep, rounds, baseline, final, trainer, teachers) -> str:
     bought = rep.get("total_images_bought", last.get("images_bought", 0))
     spend = rep.get("total_spend", sum((last.get("spend") or {}).values()))
     facts = [f"wall time {wall:.0f} s", f"rounds finished {len(rounds)}", f"images bought {bought}",
-             f"total spend ${spend:.2f}"]
+             f"total spend ${spend:.2f}" + (f" (${rep['spend_uncertain']:.2f} uncertain: calls that may have "
+                                             "been billed)" if rep.get("spend_uncertain") else "")]
     if rep.get("stopped"):
         facts.append(f"stopped: {rep['stopped']}")
     if trainer:

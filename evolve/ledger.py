@@ -1,51 +1,163 @@
-"""Append-only purchase ledger: one JSON line per paid teacher image.
+"""The purchase ledger: one SQLite file of every paid (or possibly paid) teacher call.
 
-The ledger is what guarantees that no paid image is bought twice or dropped.
-A gateway looks a request's key (teacher, prompt, seed, size) up here, and
-checks that the store still holds the image, before it pays; it records the
-purchase right after the image is stored. Each record is one `write` of a
-whole line followed by fsync, under an exclusive `flock`, so several gateway
-processes may share one ledger file.
+It is what guarantees that no paid image is bought twice or dropped, and what
+counts the spend. Each call to a teacher is a row of `calls`, found by its key
+(teacher, prompt, seed, size) through an index on a 64-bit hash of the key;
+`totals` holds per teacher the images bought and the money spent, changed in
+the same transaction as every row, so counts and spend are O(1) reads.
 
-A crash mid-write can leave a torn final line: on load it is dropped with a
-warning (and cut off the file, so the next record starts on a clean line).
-A bad line anywhere else means the file was damaged, and loading raises.
+Money: `sending` and `uncertain` calls (sent, no answer: the provider may or
+may not have billed) count as uncertain spend; `open`, `bought`, `failed` and
+`refused` as certain; `unbilled` as nothing (totals are kept to 1e-9).
+
+Every write is one `BEGIN IMMEDIATE ... COMMIT` (WAL, synchronous=FULL): it is
+durable when it returns and never half-written, and several processes on one
+host may share the file. A crash loses at most the call in flight, whose row
+then shows `sending`. A new ledger imports, once, the JSON-lines ledger
+(`ledger.jsonl`, `ledger.jobs.jsonl`) that older versions kept in its folder.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import logging
-import os
+import sqlite3
 import threading
 import time
-from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
 
-REQUIRED_FIELDS = ("teacher", "prompt", "seed", "size", "ref", "price", "ts")
+REQUIRED_FIELDS = ("teacher", "prompt", "seed", "size", "ref", "price", "ts")   # for record()
+CALL_STATES = ("sending", "uncertain", "unbilled", "open", "bought", "failed", "refused")
 
-Key = tuple[str, str, int, int]
+_UNCERTAIN = ("sending", "uncertain")
+_PENDING = ("sending", "open")  # the states the partial index `calls_pending` holds
+_SCHEMA_VERSION = 1
+_FORMAT = "evolve-ledger"
+_COLUMNS = ("id", "teacher", "prompt", "seed", "size", "state", "price", "ref", "ts")
+_SELECT = "SELECT id, teacher, prompt, seed, size, state, price, ref, ts, extra FROM calls"
+_RESERVED = frozenset(_COLUMNS) | {"khash", "extra", "call"}  # never names of extra fields
+_KEY_MATCH = "khash = ? AND teacher = ? AND prompt = ? AND seed = ? AND size = ?"
+_DECIMALS = 9  # money totals are kept rounded to 1e-9, so adding and taking away leave no residue
+
+_DDL = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE calls (
+    id INTEGER PRIMARY KEY,
+    khash INTEGER NOT NULL,
+    teacher TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s}'" for s in CALL_STATES)})),
+    price REAL NOT NULL,
+    ref TEXT,
+    ts REAL NOT NULL,
+    extra TEXT
+);
+CREATE INDEX calls_khash ON calls (khash);
+CREATE INDEX calls_pending ON calls (teacher, state) WHERE state IN ('sending', 'open');
+CREATE TABLE totals (
+    teacher TEXT PRIMARY KEY,
+    images INTEGER NOT NULL DEFAULT 0,
+    certain REAL NOT NULL DEFAULT 0,
+    uncertain REAL NOT NULL DEFAULT 0,
+    uncertain_calls INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_BUMP = f"""
+INSERT INTO totals (teacher, images, certain, uncertain, uncertain_calls)
+VALUES (?, ?, round(?, {_DECIMALS}), round(?, {_DECIMALS}), ?)
+ON CONFLICT (teacher) DO UPDATE SET
+    images = images + excluded.images,
+    certain = round(certain + excluded.certain, {_DECIMALS}),
+    uncertain = round(uncertain + excluded.uncertain, {_DECIMALS}),
+    uncertain_calls = uncertain_calls + excluded.uncertain_calls
+"""
+
+_LEGACY_JOB_STATES = ("open", "closed", "failed", "refused")
+_LEGACY_JOB_FIELDS = ("teacher", "prompt", "seed", "size", "state", "price", "ts")
 
 
 class LedgerCorrupt(ValueError):
-    """A line other than the last one cannot be read."""
+    """The file is not a ledger, or a legacy JSON-lines ledger has a bad line that is not its last."""
 
 
-def _key(teacher: str, prompt: str, seed: int, size: int) -> Key:
-    return (teacher, prompt, int(seed), int(size))
+@dataclass(frozen=True)
+class Totals:
+    """One teacher's (or all teachers') figures: images bought, money billed
+    (certain), money perhaps billed (uncertain), and calls in sending|uncertain."""
+
+    images: int
+    certain: float
+    uncertain: float
+    uncertain_calls: int
+
+    @property
+    def spent(self) -> float:
+        return self.certain + self.uncertain
 
 
-def _check(entry: Any) -> dict[str, Any]:
-    if not isinstance(entry, dict):
-        raise ValueError(f"a ledger entry is a JSON object, got {type(entry).__name__}")
-    missing = [k for k in REQUIRED_FIELDS if k not in entry]
-    if missing:
-        raise ValueError(f"ledger entry lacks {missing}")
-    return entry
+def khash(teacher: str, prompt: str, seed: int, size: int) -> int:
+    """The indexed hash of a key: the first 8 bytes of sha256(json.dumps(key)), as a signed int64."""
+    # Exactly json.dumps([teacher, prompt, int(seed), int(size)]), written out (3x faster).
+    text = f"[{_json_str(teacher)}, {_json_str(prompt)}, {int(seed)!r}, {int(size)!r}]"
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _weight(state: str, price: float) -> tuple[int, float, float, int]:
+    """What one row adds to its teacher's totals: (images, certain, uncertain, uncertain_calls)."""
+    if state in _UNCERTAIN:
+        return 0, 0.0, price, 1
+    if state == "unbilled":
+        return 0, 0.0, 0.0, 0
+    return int(state == "bought"), price, 0.0, 0
+
+
+def _check_state(state: str) -> str:
+    if state not in CALL_STATES:
+        raise ValueError(f"a call's state is one of {CALL_STATES}, got {state!r}")
+    return state
+
+
+def _check_extra(fields: dict[str, Any]) -> dict[str, Any]:
+    clash = sorted(set(fields) & _RESERVED)
+    if clash:
+        raise ValueError(f"{clash} are ledger columns, not extra fields")
+    return fields
+
+
+def _dump(extra: dict[str, Any]) -> str | None:
+    if not extra:
+        return None
+    try:
+        return json.dumps(extra, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"ledger extra fields must be JSON values: {exc}") from None
+
+
+def _row_dict(row: tuple) -> dict[str, Any]:
+    out = dict(zip(_COLUMNS, row[:-1]))
+    if row[-1]:
+        out.update(json.loads(row[-1]))
+    return out
+
+
+def _entry_dict(row: tuple) -> dict[str, Any]:
+    _id, teacher, prompt, seed, size, _state, price, ref, ts, extra = row
+    out = {"teacher": teacher, "prompt": prompt, "seed": seed, "size": size, "ref": ref, "price": price, "ts": ts}
+    if extra:
+        out.update(json.loads(extra))
+    return out
 
 
 class Ledger:
@@ -53,164 +165,366 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._entries: list[dict[str, Any]] = []
-        self._latest: dict[Key, dict[str, Any]] = {}
-        self._spent: dict[str, float] = defaultdict(float)
-        self._load()
+        self._con = self._open()
 
-    # -- reading -------------------------------------------------------------
+    # -- purchases -----------------------------------------------------------
     def lookup(self, teacher: str, prompt: str, seed: int, size: int) -> dict[str, Any] | None:
-        """The latest purchase for this key, or None if it was never bought."""
-        entry = self._latest.get(_key(teacher, prompt, seed, size))
-        return dict(entry) if entry is not None else None
+        """The newest purchase (`bought` row) of this key as an entry dict, or None."""
+        with self._lock:
+            row = self._con.execute(
+                f"{_SELECT} WHERE {_KEY_MATCH} AND state = 'bought' ORDER BY id DESC LIMIT 1",
+                self._key_args(teacher, prompt, seed, size)).fetchone()
+        return _entry_dict(row) if row is not None else None
 
-    def spent(self, teacher: str | None = None) -> float:
-        if teacher is None:
-            return sum(self._spent.values())
-        return self._spent.get(teacher, 0.0)
+    def record(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A bought image, durable when this returns. `entry` holds REQUIRED_FIELDS
+        (`ts` may be left out: now) and any extra fields (flaws, native_size...).
+        With `"call": id` (from begin) that call becomes `bought`; without, a new row."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"a ledger entry is a dict, got {type(entry).__name__}")
+        entry = dict(entry)
+        call = entry.pop("call", None)
+        entry.setdefault("ts", time.time())
+        missing = [k for k in REQUIRED_FIELDS if k not in entry]
+        if missing:
+            raise ValueError(f"ledger entry lacks {missing}")
+        teacher, prompt, seed, size = entry["teacher"], entry["prompt"], int(entry["seed"]), int(entry["size"])
+        ref, price, ts = entry["ref"], float(entry["price"]), float(entry["ts"])
+        extra = _check_extra({k: v for k, v in entry.items() if k not in REQUIRED_FIELDS})
+        args = self._key_args(teacher, prompt, seed, size)
+        with self._write() as con:
+            if call is not None:
+                old = self._row(con, call)
+                if (old[1], old[2], old[3], old[4]) != (teacher, prompt, seed, size):
+                    raise ValueError(f"ledger {self.path}: call {call} is for {old[1:5]}, "
+                                     f"not {(teacher, prompt, seed, size)}")
+            again = con.execute(f"SELECT id FROM calls WHERE {_KEY_MATCH} AND state = 'bought' AND id != ? LIMIT 1",
+                                (*args, -1 if call is None else int(call))).fetchone()
+            if again is not None:
+                # Paid twice (e.g. the stored image went missing): recorded anyway, the
+                # money is spent; lookups see the newest ref.
+                log.warning("ledger %s: key %s bought again", self.path, (teacher, prompt, seed, size))
+            if call is None:
+                con.execute("INSERT INTO calls (khash, teacher, prompt, seed, size, state, price, ref, ts, extra) "
+                            "VALUES (?, ?, ?, ?, ?, 'bought', ?, ?, ?, ?)", (*args, price, ref, ts, _dump(extra)))
+                self._bump(con, teacher, None, ("bought", price))
+            else:
+                extra = {**(json.loads(old[9]) if old[9] else {}), **extra}
+                con.execute("UPDATE calls SET state = 'bought', price = ?, ref = ?, ts = ?, extra = ? WHERE id = ?",
+                            (price, ref, ts, _dump(extra), int(call)))
+                self._bump(con, teacher, (old[5], old[6]), ("bought", price))
+        return {"teacher": teacher, "prompt": prompt, "seed": seed, "size": size, "ref": ref, "price": price,
+                "ts": ts, **extra}
 
-    def entries(self) -> list[dict[str, Any]]:
-        return [dict(e) for e in self._entries]
+    def entries(self, teacher: str | None = None) -> list[dict[str, Any]]:
+        """Every purchase (`bought` rows), in the order they were made."""
+        where, args = ("AND teacher = ?", (teacher,)) if teacher is not None else ("", ())
+        with self._lock:
+            return [_entry_dict(r) for r in self._con.execute(
+                f"{_SELECT} WHERE state = 'bought' {where} ORDER BY id", args)]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Images bought, every teacher."""
+        return self.totals().images
 
-    # -- writing -------------------------------------------------------------
-    def record(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """Append one purchase durably (fsync before returning)."""
-        entry = dict(entry)
-        entry.setdefault("ts", time.time())
-        _check(entry)
+    def spent(self, teacher: str | None = None) -> float:
+        """Money certainly or perhaps billed: one teacher's, or every teacher's."""
+        return self.totals(teacher).spent
+
+    def totals(self, teacher: str | None = None) -> Totals:
         with self._lock:
-            key = _key(entry["teacher"], entry["prompt"], entry["seed"], entry["size"])
-            if key in self._latest:
-                # Paid twice (e.g. the stored image went missing): record it anyway,
-                # the money is spent; lookups see the newest ref.
-                log.warning("ledger %s: key %s bought again", self.path, key)
-            append_line(self.path, entry)
-            self._add(entry)
-        return dict(entry)
+            if teacher is not None:
+                row = self._con.execute("SELECT images, certain, uncertain, uncertain_calls FROM totals "
+                                        "WHERE teacher = ?", (teacher,)).fetchone()
+            else:
+                row = self._con.execute("SELECT COALESCE(SUM(images), 0), COALESCE(SUM(certain), 0.0), "
+                                        "COALESCE(SUM(uncertain), 0.0), COALESCE(SUM(uncertain_calls), 0) "
+                                        "FROM totals").fetchone()
+        if row is None:
+            return Totals(0, 0.0, 0.0, 0)
+        return Totals(int(row[0]), round(float(row[1]), _DECIMALS), round(float(row[2]), _DECIMALS), int(row[3]))
+
+    def teachers(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._con.execute("SELECT teacher FROM totals ORDER BY teacher")]
+
+    # -- calls ---------------------------------------------------------------
+    def begin(self, teacher: str, prompt: str, seed: int, size: int, price: float, **fields: Any) -> int:
+        """A call about to go out: a new `sending` row (its price counted as uncertain). Returns its id."""
+        ts = float(fields.pop("ts", time.time()))
+        extra = _dump(_check_extra(fields))
+        seed, size, price = int(seed), int(size), float(price)
+        with self._write() as con:
+            cur = con.execute("INSERT INTO calls (khash, teacher, prompt, seed, size, state, price, ref, ts, extra) "
+                              "VALUES (?, ?, ?, ?, ?, 'sending', ?, NULL, ?, ?)",
+                              (*self._key_args(teacher, prompt, seed, size), price, ts, extra))
+            self._bump(con, teacher, None, ("sending", price))
+            return int(cur.lastrowid)
+
+    def mark(self, call: int, state: str, *, price: float | None = None, **fields: Any) -> None:
+        """Move a call to `state`; `price` (if given) replaces its price; `fields` are
+        merged into its extra fields (`ref` and `ts` set those columns; ts defaults to now)."""
+        _check_state(state)
+        ts = float(fields.pop("ts", time.time()))
+        has_ref, ref = "ref" in fields, fields.pop("ref", None)
+        _check_extra(fields)
+        with self._write() as con:
+            old = self._row(con, call)
+            new_price = old[6] if price is None else float(price)
+            new_ref = ref if has_ref else old[7]
+            if state == "bought" and new_ref is None:
+                raise ValueError(f"ledger {self.path}: call {call} cannot be bought without a ref "
+                                 f"(record(entry with 'call') stores a purchase)")
+            extra = {**(json.loads(old[9]) if old[9] else {}), **fields}
+            con.execute("UPDATE calls SET state = ?, price = ?, ref = ?, ts = ?, extra = ? WHERE id = ?",
+                        (state, new_price, new_ref, ts, _dump(extra), int(call)))
+            self._bump(con, old[1], (old[5], old[6]), (state, new_price))
+
+    def call(self, call: int) -> dict[str, Any]:
+        """One call's row: {id, teacher, prompt, seed, size, state, price, ref, ts, **extra}."""
+        with self._lock:
+            return _row_dict(self._row(self._con, call))
+
+    def calls(self, teacher: str, prompt: str, seed: int, size: int) -> list[dict[str, Any]]:
+        """Every call of one key, oldest first."""
+        with self._lock:
+            return [_row_dict(r) for r in self._con.execute(
+                f"{_SELECT} WHERE {_KEY_MATCH} ORDER BY id", self._key_args(teacher, prompt, seed, size))]
+
+    def calls_in(self, teacher: str, states: tuple[str, ...]) -> list[dict[str, Any]]:
+        """One teacher's calls in any of `states`, oldest first. Served by a small
+        index for sending/open; other states are a scan of the whole table."""
+        states = (states,) if isinstance(states, str) else tuple(states)
+        for s in states:
+            _check_state(s)
+        if not states:
+            return []
+        sql = f"{_SELECT} WHERE teacher = ? AND state IN ({', '.join('?' * len(states))})"
+        if set(states) <= set(_PENDING):
+            sql += " AND state IN ('sending', 'open')"  # the partial index's own condition, so it is used
+        with self._lock:
+            return [_row_dict(r) for r in self._con.execute(sql + " ORDER BY id", (teacher, *states))]
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- internals -----------------------------------------------------------
-    def _add(self, entry: dict[str, Any]) -> None:
-        self._entries.append(entry)
-        self._latest[_key(entry["teacher"], entry["prompt"], entry["seed"], entry["size"])] = entry
-        self._spent[entry["teacher"]] += float(entry["price"])
+    @staticmethod
+    def _key_args(teacher: str, prompt: str, seed: int, size: int) -> tuple:
+        return khash(teacher, prompt, seed, size), teacher, prompt, int(seed), int(size)
 
-    def _load(self) -> None:
-        for entry in read_lines(self.path, _check):
-            self._add(entry)
+    def _row(self, con: sqlite3.Connection, call: int) -> tuple:
+        row = con.execute(f"{_SELECT} WHERE id = ?", (int(call),)).fetchone()
+        if row is None:
+            raise KeyError(f"ledger {self.path}: no call {call}")
+        return row
+
+    @staticmethod
+    def _bump(con: sqlite3.Connection, teacher: str, old: tuple[str, float] | None, new: tuple[str, float]) -> None:
+        """Move a row's weight in `totals` from (old state, old price) to the new ones."""
+        before = _weight(*old) if old is not None else (0, 0.0, 0.0, 0)
+        after = _weight(*new)
+        con.execute(_BUMP, (teacher, *(a - b for a, b in zip(after, before))))
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on this ledger's connection."""
+        with self._lock, _transaction(self._con) as con:
+            yield con
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise sqlite3.OperationalError(f"ledger {self.path}: cannot open: {exc}") from exc
+        try:
+            con.execute("PRAGMA busy_timeout = 60000")
+            mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("ledger %s: journal mode is %s, not WAL", self.path, mode)
+            con.execute("PRAGMA synchronous = FULL")
+            if not self._ready(con):
+                with _transaction(con):
+                    if not self._ready(con):  # another process may have set it up meanwhile
+                        self._setup(con)
+        except sqlite3.OperationalError:
+            con.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            con.close()
+            hint = ""
+            try:
+                if self.path.read_bytes()[:1] == b"{":
+                    hint = (f"; it looks like a JSON-lines ledger of an older version: open a new ledger "
+                            f"in its folder (e.g. {self.path.with_name('ledger.sqlite')}) to import it")
+            except OSError:
+                pass
+            raise LedgerCorrupt(f"{self.path} is not a ledger database ({exc}){hint}") from None
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _ready(self, con: sqlite3.Connection) -> bool:
+        """Whether the schema is in place and no legacy import is due (raises if not a ledger)."""
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return False
+        if "meta" not in tables:
+            raise LedgerCorrupt(f"{self.path} is an SQLite database but not a ledger database "
+                                f"(tables {sorted(tables)})")
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("format") != _FORMAT or not {"calls", "totals"} <= tables:
+            raise LedgerCorrupt(f"{self.path} is not a ledger database (meta {meta})")
+        if int(meta.get("schema", 0)) > _SCHEMA_VERSION:
+            raise LedgerCorrupt(f"{self.path}: ledger schema {meta['schema']} is newer than this "
+                                f"code's ({_SCHEMA_VERSION})")
+        return not self._legacy_due(con, meta)
+
+    def _legacy(self) -> tuple[Path, Path]:
+        return self.path.with_name("ledger.jsonl"), self.path.with_name("ledger.jobs.jsonl")
+
+    def _legacy_due(self, con: sqlite3.Connection, meta: dict[str, str]) -> bool:
+        if "legacy_import" in meta:
+            return False
+        files = [p for p in self._legacy() if p != self.path and p.exists()]
+        return bool(files) and con.execute("SELECT 1 FROM calls LIMIT 1").fetchone() is None
+
+    def _setup(self, con: sqlite3.Connection) -> None:
+        """Create the schema if the file is new, then import a legacy ledger if one is due.
+        Runs inside the caller's write transaction."""
+        if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' LIMIT 1").fetchone() is None:
+            for stmt in _DDL.split(";"):
+                if stmt.strip():
+                    con.execute(stmt)
+            con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                            [("format", _FORMAT), ("schema", str(_SCHEMA_VERSION))])
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        if self._legacy_due(con, meta):
+            self._import_legacy(con)
+
+    def _import_legacy(self, con: sqlite3.Connection) -> None:
+        """The JSON-lines ledger of older versions, in this (new, empty) ledger, in
+        the caller's transaction: each purchase a `bought` row; each key's latest
+        job line an `open`, `failed` or `refused` row (closed ones are in the ledger)."""
+        ledger_path, jobs_path = self._legacy()
+        sums: dict[str, list[int]] = {}  # per teacher: images, certain and uncertain nano-dollars, calls
+
+        def add(teacher: str, state: str, price: float) -> None:
+            w = _weight(state, price)
+            s = sums.setdefault(teacher, [0, 0, 0, 0])
+            s[0] += w[0]
+            s[1] += round(w[1] * 10**_DECIMALS)
+            s[2] += round(w[2] * 10**_DECIMALS)
+            s[3] += w[3]
+
+        def rows(entries: Iterator[dict[str, Any]], state_of) -> Iterator[tuple]:
+            for e in entries:
+                state = state_of(e)
+                if state is None:
+                    continue
+                teacher, prompt, seed, size = e["teacher"], e["prompt"], int(e["seed"]), int(e["size"])
+                price = float(e["price"])
+                extra = {k: v for k, v in e.items() if k not in REQUIRED_FIELDS and k != "state"}
+                add(teacher, state, price)
+                yield (*self._key_args(teacher, prompt, seed, size), state, price,
+                       e.get("ref") if state == "bought" else None, float(e["ts"]), _dump(extra))
+
+        insert = ("INSERT INTO calls (khash, teacher, prompt, seed, size, state, price, ref, ts, extra) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        n_bought = n_jobs = n_superseded = 0
+        if ledger_path != self.path and ledger_path.exists():
+            con.executemany(insert, rows(_read_legacy(ledger_path, _check_legacy_entry), lambda e: "bought"))
+            n_bought = con.execute("SELECT count(*) FROM calls").fetchone()[0]
+        if jobs_path != self.path and jobs_path.exists():
+            latest: dict[tuple, dict[str, Any]] = {}
+            for e in _read_legacy(jobs_path, _check_legacy_job):
+                key = (e["teacher"], e["prompt"], int(e["seed"]), int(e["size"]))
+                latest.pop(key, None)  # re-inserted: the dict keeps the order of each key's latest line
+                latest[key] = e
+            jobs = []
+            for key, e in latest.items():
+                if e["state"] == "closed":
+                    continue
+                if e["state"] == "open":
+                    # A crash between storing the purchase and closing its job leaves the
+                    # job open although the ledger bought it afterwards: it is not open.
+                    newer = con.execute(f"SELECT 1 FROM calls WHERE {_KEY_MATCH} AND state = 'bought' "
+                                        f"AND ts >= ? LIMIT 1", (*self._key_args(*key), float(e["ts"]))).fetchone()
+                    if newer is not None:
+                        n_superseded += 1
+                        continue
+                jobs.append(e)
+            con.executemany(insert, rows(iter(jobs), lambda e: e["state"]))
+            n_jobs = len(jobs)
+        for teacher, (images, certain, uncertain, uncertain_calls) in sums.items():
+            con.execute(_BUMP, (teacher, images, certain / 10**_DECIMALS, uncertain / 10**_DECIMALS, uncertain_calls))
+        con.execute("INSERT INTO meta (key, value) VALUES ('legacy_import', ?)",
+                    (json.dumps({"ts": time.time(), "bought": n_bought, "jobs": n_jobs}),))
+        log.info("ledger %s: imported %d purchases from %s and %d open/failed/refused jobs from %s "
+                 "(%d open jobs skipped: bought afterwards)",
+                 self.path, n_bought, ledger_path.name, n_jobs, jobs_path.name, n_superseded)
 
 
-JOB_STATES = ("open", "closed", "failed", "refused")
+@contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (the database's write lock, from the start) ... COMMIT, or ROLLBACK on any error."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.rollback()
+        raise
 
 
-def _check_job(entry: Any) -> dict[str, Any]:
+# -- the JSON-lines ledger of older versions (read once, to import it) -----------
+
+def _require(entry: Any, fields: tuple[str, ...], what: str) -> dict[str, Any]:
     if not isinstance(entry, dict):
-        raise ValueError(f"a job-log entry is a JSON object, got {type(entry).__name__}")
-    missing = [k for k in ("teacher", "prompt", "seed", "size", "state", "price", "ts") if k not in entry]
+        raise ValueError(f"a {what} is a JSON object, got {type(entry).__name__}")
+    missing = [k for k in fields if k not in entry]
     if missing:
-        raise ValueError(f"job-log entry lacks {missing}")
-    if entry["state"] not in JOB_STATES:
-        raise ValueError(f"job-log state must be one of {JOB_STATES}, got {entry['state']!r}")
+        raise ValueError(f"{what} lacks {missing}")
     return entry
 
 
-class JobLog:
-    """What a gateway asked of a teacher beyond the ledger's finished purchases.
-
-    One JSON line per change of a key's state, same durability as the ledger:
-    - open: a billed job (submit-and-poll APIs, or an image behind a URL) whose
-      image is not stored yet. Written before collecting, so a restarted gateway
-      collects it (free) instead of submitting again (paid).
-    - closed: its image is stored and in the ledger (which counts the price).
-    - failed: billed, but no image will come (the job failed, or its URL expired).
-    - refused: the teacher refused the prompt for good (content policy, bad
-      request): not sent again, and recorded with the sample (with the price if
-      the refusal came after a billed submit).
-    `spent` counts every state but closed: the money the ledger does not show.
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._latest: dict[Key, dict[str, Any]] = {}
-        for entry in read_lines(self.path, _check_job):
-            self._latest[_key(entry["teacher"], entry["prompt"], entry["seed"], entry["size"])] = entry
-
-    def get(self, teacher: str, prompt: str, seed: int, size: int) -> dict[str, Any] | None:
-        entry = self._latest.get(_key(teacher, prompt, seed, size))
-        return dict(entry) if entry is not None else None
-
-    def set(self, teacher: str, prompt: str, seed: int, size: int, state: str, price: float = 0.0,
-            **fields: Any) -> dict[str, Any]:
-        entry = _check_job({"teacher": teacher, "prompt": prompt, "seed": int(seed), "size": int(size),
-                            "state": state, "price": float(price), "ts": time.time(), **fields})
-        with self._lock:
-            append_line(self.path, entry)
-            self._latest[_key(teacher, prompt, seed, size)] = entry
-        return dict(entry)
-
-    def spent(self, teacher: str | None = None) -> float:
-        return sum(e["price"] for e in self._latest.values()
-                   if e["state"] != "closed" and teacher in (None, e["teacher"]))
-
-    def entries(self, state: str | None = None) -> list[dict[str, Any]]:
-        return [dict(e) for e in self._latest.values() if state in (None, e["state"])]
+def _check_legacy_entry(entry: Any) -> dict[str, Any]:
+    return _require(entry, REQUIRED_FIELDS, "ledger entry")
 
 
-def append_line(path: Path, entry: dict[str, Any]) -> None:
-    """Append one JSON line durably: one write of the whole line, under an
-    exclusive flock (several processes may share the file), then fsync."""
-    line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # also releases the flock
+def _check_legacy_job(entry: Any) -> dict[str, Any]:
+    _require(entry, _LEGACY_JOB_FIELDS, "job-log entry")
+    if entry["state"] not in _LEGACY_JOB_STATES:
+        raise ValueError(f"job-log state must be one of {_LEGACY_JOB_STATES}, got {entry['state']!r}")
+    return entry
 
 
-def read_lines(path: Path, check) -> list[dict[str, Any]]:
-    """The records of an append-only JSON-lines file, each passed through `check`.
-    A torn final line (a crash mid-write) is dropped and cut off the file; a bad
-    line anywhere else raises LedgerCorrupt."""
-    out: list[dict[str, Any]] = []
-    if not path.exists():
-        return out
-    with open(path, "r+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # no other process appends while we may truncate
-        data = f.read()
-        lines = data.split(b"\n")
-        # Index of the last line with content: only that one may be torn.
-        last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
-        offset = 0
-        for i, raw in enumerate(lines):
-            start, offset = offset, offset + len(raw) + 1
+def _read_legacy(path: Path, check) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file, each passed through `check`, one at a time.
+    A bad final line (a crash mid-write) is skipped with a warning; a bad line with
+    records after it raises LedgerCorrupt. The file is left as it is."""
+    bad: tuple[int, str] | None = None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
+            if bad is not None:
+                raise LedgerCorrupt(f"legacy ledger {path}: line {bad[0]} is corrupt and is not the "
+                                    f"last line: {bad[1]}")
             try:
                 entry = check(json.loads(raw))
             except (ValueError, UnicodeDecodeError) as exc:
-                if i == last:
-                    log.warning("ledger %s: dropping torn final line %d (%d bytes): %s",
-                                path, i + 1, len(raw), exc)
-                    f.truncate(start)
-                    os.fsync(f.fileno())
-                    break
-                raise LedgerCorrupt(f"ledger {path}: line {i + 1} is corrupt "
-                                    f"and is not the last line: {exc}") from None
-            out.append(entry)
-        else:
-            if data and not data.endswith(b"\n"):
-                # A complete last record without its newline: end the line so the
-                # next append does not run into it.
-                f.seek(0, os.SEEK_END)
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-    return out
+                bad = (lineno, str(exc))
+                continue
+            yield entry
+    if bad is not None:
+        log.warning("ledger %s: skipping torn final line %d: %s", path, bad[0], bad[1])

@@ -137,7 +137,7 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
             write_json_atomic(folder.round_stats(rnd), row)
             say(f"round {rnd}: held-out {describe(acc)}  student wins {stats.student_win_rate:.0%}  dataset "
                 f"{len(records)} -> +{len(added)} -{len(plan.delete_ids)}  bought {row['images_bought']}  "
-                f"spend ${sum(row['spend'].values()):.2f}  ({row['round_s']:.0f} s)")
+                f"spend ${sum(row['spend'].values()):.2f}{uncertain_part(row)}  ({row['round_s']:.0f} s)")
             progress.update(round=rnd + 1, heldout=brief(acc), spend=sum(row["spend"].values()),
                             images=row["images_bought"])
             reason = stop_reason(cfg, curator, acc, t0)
@@ -228,13 +228,19 @@ def heldout_prompts(world: World, folder: RunFolder) -> list[HeldoutPrompt]:
     return items
 
 
+def uncertain_part(row: dict) -> str:
+    """The part of the spend whose calls may or may not have been billed, when there is one."""
+    uncertain = sum((row.get("spend_uncertain") or {}).values())
+    return f" (${uncertain:.2f} uncertain)" if uncertain > 1e-9 else ""
+
+
 def seed_set(cfg: RunConfig, curator: Curator, versions: DatasetVersions, folder: RunFolder, say) -> None:
     prompts = curator.seed_prompts()
     records = curator.acquire(prompts, 0)
     if len(records) < cfg.train.num_workers:
         raise RuntimeError(f"seed set: the teachers delivered {len(records)} of {len(prompts)} prompts, "
                            f"fewer than the {cfg.train.num_workers} training workers (see the warnings above "
-                           f"and the job log {folder.root / 'ledger.jobs.jsonl'})")
+                           f"and the ledger {folder.ledger})")
     versions.write(0, records, {"round": 0})
     say(f"seed set: {len(records)} prompts, version v0000")
 
@@ -275,7 +281,8 @@ def round_row(rnd, records, plan, stats, added, acc, curator: Curator, parts: Pa
         "added": {op: sum(1 for a in added if a.op == op) for op in ("expand", "reseed", "mutate")},
         # The ledger, not this process's counters: a resumed run counts from its start.
         "images_bought": curator.training_images_bought(),
-        "spend": {n: round(s["spent"], 4) for n, s in teachers.items()},
+        "spend": {n: round(s["spent"], 4) for n, s in teachers.items()},  # certain + uncertain
+        "spend_uncertain": {n: round(s.get("uncertain", 0.0), 4) for n, s in teachers.items()},
         "heldout": acc,
         **timing,
         "phases": phases,

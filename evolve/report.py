@@ -28,6 +28,9 @@ def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dic
     curve = [baseline["overall"]] + [r["heldout"]["overall"] for r in rounds]
     if final is not None:
         curve.append(final["heldout"]["overall"])
+    ledger = Ledger(folder.ledger)
+    totals = ledger.totals()  # every call the run paid (or may have paid) for, across restarts
+    ledger.close()
     report = {
         "wall_s": round(wall_s, 1),
         "stopped": stopped,  # why the run ended: rounds | target | wall_clock | budget | interrupted
@@ -41,10 +44,13 @@ def write_report(folder, teachers: dict[str, dict], teacher_stats: dict[str, dic
         "teachers": teachers,
         "teacher_stats": teacher_stats,
         "rounds": rounds,
-        # Every image the run paid for, across restarts (the gateways' counters
-        # start again with each process; their `spent` is restored from the ledger).
-        "total_images_bought": len(Ledger(folder.ledger)),
-        "total_spend": round(sum(s["spent"] for s in teacher_stats.values()), 4),
+        # Every image the run paid for, across restarts (the ledger, not the
+        # gateways' counters, which start again with each process).
+        "total_images_bought": totals.images,
+        # certain + uncertain: a paid call whose outcome is unknown counts as spent.
+        "total_spend": round(totals.spent, 4),
+        "spend_uncertain": round(totals.uncertain, 4),
+        "uncertain_calls": totals.uncertain_calls,
     }
     if baseline.get("reference") is not None:
         report["agreement"] = agreement(report)
@@ -118,7 +124,7 @@ def _markdown(rep: dict) -> str:
     what = ("alignment (VLM, " + rep["student"]["start"]["alignment"]["method"] + ", mean P(yes); "
             "categories averaged)" if vlm and "alignment" in rep["student"]["start"] else "accuracy")
     out = ["# Run report\n", f"Wall time {rep['wall_s']:.0f} s; images bought {rep['total_images_bought']}; "
-           f"spend ${rep['total_spend']:.2f}; stopped: {rep.get('stopped', 'rounds')}.\n\n",
+           f"spend ${rep['total_spend']:.2f}{_uncertain(rep)}; stopped: {rep.get('stopped', 'rounds')}.\n\n",
            f"## Held-out {what}\n", head,
            row("student (start)", rep["student"]["start"]), row("student (final)", rep["student"]["final"])]
     for t, s in rep["teachers"].items():
@@ -184,3 +190,11 @@ def _plot(curve: list[float], teachers: dict[str, dict], path: Path, rates: dict
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _uncertain(rep: dict) -> str:
+    """How much of the spend is calls whose outcome is unknown (counted as spent)."""
+    if not rep.get("spend_uncertain"):
+        return ""
+    n = rep["uncertain_calls"]
+    return f" (of which ${rep['spend_uncertain']:.2f} uncertain: {n} call{'s' * (n != 1)} that may have been billed)"

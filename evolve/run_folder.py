@@ -21,7 +21,7 @@ class RunFolder:
         self.config = self.root / "config.json"
         self.images = self.root / "images"
         self.features = self.root / "features"  # a LatentStudent's latents and captions, beside the images
-        self.ledger = self.root / "ledger.jsonl"
+        self.ledger = self.root / "ledger.sqlite"
         self.datasets = self.root / "datasets"
         self.checkpoints = self.root / "checkpoints"
         self.train_storage = self.root / "ray_train"

@@ -203,3 +203,28 @@ def model_list(model_id: str, created: int, owned_by: str = "evolve-director") -
     """The `GET /v1/models` answer of a server of one model."""
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                         "owned_by": owned_by}]}
+
+
+# -- OpenAI's own image models ---------------------------------------------------------------
+
+# The sizes each of OpenAI's own image models draws (platform.openai.com/docs/api-reference/images/create,
+# `size`): dall-e-2 three squares; dall-e-3 a square and two 7:4s; the GPT image models (gpt-image-1,
+# gpt-image-1-mini and newer gpt-image-*) a square, two 3:2s and "auto". Every one draws 1024x1024.
+# None of them takes a `seed`. The client checks a teacher's config against this before anything is
+# bought; the simulator answers as OpenAI does.
+OPENAI_SIZES: dict[str, tuple[str, ...]] = {
+    "dall-e-2": ("256x256", "512x512", "1024x1024"),
+    "dall-e-3": ("1024x1024", "1792x1024", "1024x1792"),
+    "gpt-image": ("1024x1024", "1536x1024", "1024x1536", "auto"),
+}
+
+
+def openai_family(model: str) -> str | None:
+    """Which of OpenAI's own image models `model` names (a key of OPENAI_SIZES),
+    or None: any other name is an OpenAI-compatible server's model."""
+    if model.startswith("gpt-image"):
+        return "gpt-image"
+    for family in ("dall-e-2", "dall-e-3"):
+        if model == family or model.startswith(family + "-"):
+            return family
+    return None

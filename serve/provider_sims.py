@@ -18,21 +18,51 @@ its own (what OpenAI accepts, not what this project's servers do).
     stability  <origin>       POST /v2beta/stable-image/generate/{model} image bytes in the answer
     ideogram   <origin>       POST /v1/ideogram-v3/generate             an expiring URL
 
+A simulator follows its provider's documented behaviour, not what would make
+our client look good: none of these services documents idempotency for image
+generation, so none honours `Idempotency-Key` (a repeated call is billed
+again), except the OpenAI simulator with `idempotency=True`, which stands in
+for this project's own OpenAI-compatible servers (the embedded and diffusers
+teachers), which do honour it. The OpenAI simulator applies OpenAI's per-model
+rules (sizes, no `seed`, dall-e-3's n=1) to OpenAI's model names and is an
+OpenAI-compatible server (any square size, `seed` honoured) for any other name.
+
+What is charged (the `charged` counter, per key (prompt, seed): the
+simulator's own billing count, the truth a fault campaign checks the gateway's
+books against) follows each provider's billing docs, cited where it is coded:
+
+    openai     every image drawn (an HTTP error answer is not charged)
+    bfl        a task that ends Ready or Error; not "Request/Content Moderated"
+    fal        a request that delivered an output (a blanked NSFW image too); not a failed one
+    replicate  succeeded, failed and canceled predictions; not aborted ones
+    stability  every image answered (CONTENT_FILTERED placeholders too); not the 403 moderation refusal
+    ideogram   every generation answered (is_image_safe false too)
+
+Async jobs are charged when created (their outcome is decided then), HTTP
+error answers never.
+
 Result URLs are served by the same server under /files/ and EXPIRE
 `url_ttl_s` after the image was made (403 for the Azure-signed ones of BFL
 and OpenAI, 404 elsewhere), as the real CDNs do. Failure injection (see
-`SimKnobs`): error_rate, rate_limit_rpm, latency_s, job_s, moderate,
-placeholder, corrupt, wrong_size, fail_job_rate, no_credits, poll_429s,
-poll_503s. Server-side counters per key (prompt, seed) — charged (one per
-billable submit), requests, 429s — let tests prove nobody paid twice.
+`SimKnobs`): error_rate, rate_limit_rpm (+ retry_after), latency_s, job_s,
+moderate, placeholder, corrupt, wrong_size, fail_job_rate, no_credits,
+poll_429s, poll_503s, and for every provider's billable submit, after it was
+billed (or its job created): stall_rate (the answer held back: the client
+times out) and reset_rate (the connection dropped with no HTTP answer: the
+client never learns the job id). BFL also answers 429 while
+`max_active_tasks` tasks are pending; Replicate predictions can end aborted
+(`abort_rate`) or canceled (`cancel_rate`). Server-side counters per key
+(prompt, seed) — charged, requests, 429s — let tests prove nobody paid twice;
+`stats()` adds totals (stalled, resets, replayed, ...).
 
     sim = ProviderSim("bfl", api_key="k", job_s=0.05)
     base_url = await sim.start(); ...; await sim.stop()
     with ProviderSimThread("fal", api_key="k") as base_url: ...   # for synchronous code
 
 Liberties, all for fast tests: Retry-After may be fractional (`retry_after_s`),
-and providers that pick their own resolution draw `native_side` px (1024 like
-the real ones by default).
+providers that pick their own resolution draw `native_side` px (1024 like
+the real ones by default), and a stalled answer is given up on as soon as the
+client has hung up.
 """
 
 from __future__ import annotations
@@ -40,6 +70,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import heapq
 import hmac
 import io
 import json
@@ -60,7 +91,7 @@ from PIL import Image
 from evolve.shapes.grammar import PromptError
 from evolve.shapes.reading import read
 from evolve.shapes.render import render, to_png
-from serve.openai_images import ApiError, bearer_token, images_response
+from serve.openai_images import OPENAI_SIZES, ApiError, bearer_token, images_response, openai_family
 from serve.server_thread import ServerThread
 
 Key = tuple[str, int]
@@ -75,8 +106,9 @@ class SimKnobs:
 
     api_key: str | None = "sim-key"      # None: no auth check
     error_rate: float = 0.0              # share of submits answered 500/503
-    rate_limit_rpm: float | None = None  # billable submits per minute before 429 + Retry-After
+    rate_limit_rpm: float | None = None  # billable submits per minute before 429 (an extra; off by default)
     rate_window_s: float = 60.0          # sliding window of rate_limit_rpm (same rate, shorter window)
+    retry_after: bool = True             # whether 429s carry Retry-After (False: a bare 429)
     retry_after_s: float | None = None   # Retry-After sent with 429s (default: the window's wait, whole seconds)
     latency_s: float = 0.0               # added to every API answer
     job_s: float = 0.0                   # how long drawing one image takes
@@ -93,9 +125,17 @@ class SimKnobs:
     sync_wait_cap_s: float = 60.0        # Replicate: longest a `Prefer: wait` request is held
     echo_key: bool = True                # put the presented key in auth errors (OpenAI echoes a masked one),
                                          # so tests prove clients scrub it
-    stall_rate: float = 0.0              # openai: share of billed answers held back stall_s (client timeouts)
+    # Faults of a billable submit, every provider, after the server billed it (or created its job):
+    stall_rate: float = 0.0              # share of answers held back stall_s (the client times out)
     stall_s: float = 30.0
-    seed: int = 0                        # rng for error_rate / fail_job_rate / stall_rate
+    reset_rate: float = 0.0              # share whose connection is reset: no HTTP answer at all
+    # One provider each:
+    idempotency: bool = False            # openai: honour Idempotency-Key, as this project's servers do
+                                         # (OpenAI documents none: off, a repeated call is billed again)
+    max_active_tasks: int | None = 24    # bfl: Pending tasks at once before a submit gets 429 (None: no cap)
+    abort_rate: float = 0.0              # replicate: share of predictions that end "aborted" (not charged)
+    cancel_rate: float = 0.0             # replicate: share that end "canceled" after starting (charged)
+    seed: int = 0                        # rng for the *_rate knobs
 
 
 def draw_image(prompt: str, seed: int, side: int) -> bytes:
@@ -115,6 +155,17 @@ def draw_image(prompt: str, seed: int, side: int) -> bytes:
 
 def _black_png(side: int) -> bytes:
     return to_png(np.zeros((side, side, 3), np.uint8))
+
+
+def _stretched(png: bytes, width: int, height: int) -> bytes:
+    """A square picture stretched to width x height (how the OpenAI sim draws a non-square size)."""
+    if png == CORRUPT_BYTES:
+        return png
+    with Image.open(io.BytesIO(png)) as im:
+        if im.size == (width, height):
+            return png
+        out = im.convert("RGB").resize((width, height), Image.BICUBIC)
+    return to_png(np.asarray(out))
 
 
 def _as_format(png: bytes, fmt: str) -> tuple[bytes, str]:
@@ -142,7 +193,7 @@ class _Job:
     side: int
     created: float
     done_at: float
-    outcome: str                 # "ok" | "failed" | "moderated"
+    outcome: str                 # "ok" | "failed" | "moderated" (replicate also "aborted" | "canceled")
     extra: dict[str, Any] = field(default_factory=dict)
     polls: int = 0
     url: str | None = None       # published when first seen done
@@ -161,8 +212,9 @@ class _File:
 
 
 class _Sim:
-    """Shared machinery: auth, throttling, error injection, counters, expiring files.
-    Subclasses add their routes and their provider's error shape."""
+    """Shared machinery: auth, throttling, error injection, the faults of a billed
+    submit (`answer`), counters, expiring files. Subclasses add their routes, their
+    provider's error shape and its billing rule (`billable`)."""
 
     kind: ClassVar[str]
     api_prefix: ClassVar[str] = ""   # what follows the origin in base_url
@@ -186,7 +238,9 @@ class _Sim:
         self.downloads = 0
         self.expired_downloads = 0
         self.auth_on_downloads = 0
-        self.replayed = 0                # answers replayed for a repeated Idempotency-Key
+        self.replayed = 0                # answers replayed for a repeated Idempotency-Key (openai, idempotency)
+        self.stalled = 0                 # billed answers held back (stall_rate)
+        self.resets = 0                  # billed submits whose connection was dropped unanswered (reset_rate)
         self.prefer_headers: list[str] = []
 
     # -- to implement ----------------------------------------------------------------------------
@@ -216,7 +270,8 @@ class _Sim:
             resp = self.error(exc.status, exc.reason)
         except Exception as exc:  # a sim bug must still answer like a server
             resp = self.error(500, f"internal error: {type(exc).__name__}: {exc}")
-        self.statuses[resp.status] += 1
+        if not _gone(request):  # a reset connection (or a client that gave up) got no status at all
+            self.statuses[resp.status] += 1
         return resp
 
     # -- shared steps ------------------------------------------------------------------------------
@@ -242,14 +297,17 @@ class _Sim:
             wait = self.accepted[0] + self.k.rate_window_s - now
             self.throttled[key] += 1
             return self.error(429, f"rate limit of {self.k.rate_limit_rpm:g} requests per minute reached",
-                              code="rate_limit_exceeded", headers={"Retry-After": self._retry_after(wait)})
+                              code="rate_limit_exceeded", headers=self.retry_headers(wait))
         self.accepted.append(now)
         return None
 
-    def _retry_after(self, wait: float) -> str:
+    def retry_headers(self, wait: float) -> dict[str, str] | None:
+        """The Retry-After header of a 429 (None with retry_after=False: a bare 429)."""
+        if not self.k.retry_after:
+            return None
         if self.k.retry_after_s is not None:
-            return f"{self.k.retry_after_s:g}"
-        return str(max(1, math.ceil(wait)))
+            return {"Retry-After": f"{self.k.retry_after_s:g}"}
+        return {"Retry-After": str(max(1, math.ceil(wait)))}
 
     def inject_error(self) -> web.Response | None:
         if self.k.error_rate and self.rng.random() < self.k.error_rate:
@@ -266,10 +324,32 @@ class _Sim:
         if job.polls <= self.k.poll_429s:
             self.throttled[job.key] += 1
             return self.error(429, "too many status requests", code="rate_limit_exceeded",
-                              headers={"Retry-After": self._retry_after(1.0)})
+                              headers=self.retry_headers(1.0))
         if job.polls <= self.k.poll_429s + self.k.poll_503s:
             return self.error(503, "Service temporarily unavailable", code="server_error")
         return None
+
+    async def answer(self, request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+        """Send the answer to a billable submit that was billed (or whose job was
+        created), after the faults every provider shares: with reset_rate the
+        connection is dropped and no HTTP answer goes out (the client sees a
+        disconnect and never learns a job id); with stall_rate the answer is held
+        back stall_s, so the client times out on a purchase that was made."""
+        if self.k.reset_rate and self.rng.random() < self.k.reset_rate:
+            self.resets += 1
+            if request.transport is not None:
+                request.transport.abort()  # no answer: `resp` is written nowhere
+            return resp
+        if self.k.stall_rate and self.rng.random() < self.k.stall_rate:
+            self.stalled += 1
+            await self._hold(request, self.k.stall_s)
+        return resp
+
+    async def _hold(self, request: web.Request, seconds: float) -> None:
+        """Sleep `seconds`, or less once the client has hung up (tests stop fast)."""
+        end = self.now() + seconds
+        while (left := end - self.now()) > 0 and not _gone(request):
+            await asyncio.sleep(min(left, 0.05))
 
     def moderated(self, prompt: str) -> bool:
         return bool(self.k.moderate) and self.k.moderate.lower() in prompt.lower()
@@ -296,11 +376,17 @@ class _Sim:
         self.files[token + suffix] = _File(data, content_type, expires_at)
         return f"{self.origin}/files/{token}{suffix}{query}"
 
+    def billable(self, outcome: str) -> bool:
+        """Whether the provider charges a job that ends in `outcome` (decided at
+        submit, as the outcome is). Default: every job; subclasses cite their docs."""
+        return True
+
     def new_job(self, prompt: str, seed: int, side: int, **extra: Any) -> _Job:
         now = self.now()
         job = _Job(str(uuid.uuid4()), prompt, seed, side, now, now + self.k.job_s, self.outcome(prompt), extra)
         self.jobs[job.id] = job
-        self.charged[job.key] += 1
+        if self.billable(job.outcome):
+            self.charged[job.key] += 1
         return job
 
     def finish(self, job: _Job) -> bool:
@@ -337,12 +423,18 @@ class _Sim:
         return {"kind": self.kind, "charged": sum(self.charged.values()), "requests": sum(self.requests.values()),
                 "429s": sum(self.throttled.values()), "polls": self.polls, "downloads": self.downloads,
                 "expired_downloads": self.expired_downloads, "auth_on_downloads": self.auth_on_downloads,
-                "replayed": self.replayed,
+                "replayed": self.replayed, "stalled": self.stalled, "resets": self.resets,
                 "jobs": len(self.jobs), "statuses": {str(k): v for k, v in sorted(self.statuses.items())}}
 
     def counts(self, prompt: str, seed: int) -> dict[str, int]:
         key = (prompt, int(seed))
         return {"charged": self.charged[key], "requests": self.requests[key], "429s": self.throttled[key]}
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the request's connection is closed (reset by us, or the client hung up)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -365,11 +457,24 @@ async def _json_body(request: web.Request) -> Any:
 # -- OpenAI Images ----------------------------------------------------------------------------------
 
 class OpenAISim(_Sim):
-    """An OpenAI-Images-compatible server: any square size 16..4096, `seed` honoured.
-    gpt-image-* models reject `response_format` and answer base64, as OpenAI's do.
-    Like the embedded teachers (serve/teachers.py), it honours `Idempotency-Key`:
-    a repeated key gets the first, billed answer back unbilled (422 if reused
-    with other parameters)."""
+    """POST /v1/images/generations, in two modes chosen by the model name.
+
+    OpenAI's own models (dall-e-2, dall-e-3, gpt-image-*) get OpenAI's rules
+    (platform.openai.com/docs/api-reference/images/create): only the sizes in
+    OPENAI_SIZES (non-square ones are drawn as the square scene stretched to
+    width x height; gpt-image "auto" is 1024x1024), no `seed` (400 "Unknown
+    parameter: 'seed'.", code unknown_parameter, as OpenAI answers any field it
+    does not know), dall-e-3 only n=1, gpt-image-* reject `response_format` and
+    always answer base64, the DALL-E models default to a URL.
+
+    Any other model name is an OpenAI-compatible server (this project's own
+    teachers, edgen, ...), not OpenAI: any square size 16..4096, `seed` honoured.
+
+    `Idempotency-Key` is ignored by default: OpenAI documents none for images,
+    so a repeated call is drawn and billed again. `idempotency=True` stands in
+    for this project's servers (serve/teachers.py, serve/diffusers_teacher.py),
+    which honour it: a repeated key gets the first, billed answer back unbilled
+    (`replayed`; 422 if reused with other parameters)."""
 
     kind = "openai"
     api_prefix = "/v1"
@@ -397,7 +502,7 @@ class OpenAISim(_Sim):
     def file_query(self) -> str:
         return "?se=expiry&sig=signature"
 
-    async def generations(self, request: web.Request) -> web.Response:
+    async def generations(self, request: web.Request) -> web.StreamResponse:
         given = bearer_token(request.headers.get("Authorization"))
         if not self.key_ok(given):
             return self.error(401, f"Incorrect API key provided{self.key_text(given)}. You can find your API key "
@@ -410,25 +515,42 @@ class OpenAISim(_Sim):
         self.requests[key] += 1
         if (r := self.throttle(key)) or (r := self.inject_error()):
             return r
+        # images/create: `model` defaults to dall-e-2.
         model = str(body.get("model", "dall-e-2"))
+        family = openai_family(model)
         if not isinstance(prompt, str) or not prompt:
             return self.error(400, "Invalid 'prompt': string too short. Expected a string with minimum length 1.",
                               param="prompt", code="string_below_min_length")
         n = body.get("n", 1)
         if _int_or_none(n) is None or not 1 <= n <= 10:
             return self.error(400, f"Invalid 'n': {n!r}; expected an integer from 1 to 10.", param="n")
-        if model.startswith("gpt-image") and "response_format" in body:
+        if family == "dall-e-3" and n != 1:  # images/create `n`: "For dall-e-3, only n=1 is supported."
+            return self.error(400, "You must provide n=1 for this model.", param="n", code="invalid_value")
+        if family == "gpt-image" and "response_format" in body:  # images/create: not supported for GPT image models
             return self.error(400, "Unknown parameter: 'response_format'.", param="response_format",
                               code="unknown_parameter")
-        fmt = body.get("response_format", "url")
+        if family and "seed" in body:  # images/create documents no `seed`: an unknown parameter to OpenAI
+            return self.error(400, "Unknown parameter: 'seed'.", param="seed", code="unknown_parameter")
+        # GPT image models always return base64; DALL-E defaults to a URL (images/create `response_format`).
+        fmt = "b64_json" if family == "gpt-image" else body.get("response_format", "url")
         if fmt not in ("url", "b64_json"):
             return self.error(400, f"Invalid 'response_format': {fmt!r}.", param="response_format")
-        w, _, h = str(body.get("size", "1024x1024")).partition("x")
-        if not (w.isdigit() and w == h and 16 <= int(w) <= 4096):
-            return self.error(400, f"Invalid size {body.get('size')!r}: this server draws square images "
-                              "from 16x16 to 4096x4096.", param="size")
-        if _int_or_none(seed) is None or seed < 0:
-            return self.error(400, f"Invalid 'seed': {seed!r}; expected a non-negative integer.", param="seed")
+        size = body.get("size", "auto" if family == "gpt-image" else "1024x1024")
+        if family:
+            allowed = OPENAI_SIZES[family]
+            if size not in allowed:
+                listed = ", ".join(f"'{s}'" for s in allowed)
+                return self.error(400, f"Invalid value: {size!r}. Supported values are: {listed}.",
+                                  param="size", code="invalid_value")
+            w, _, h = ("1024x1024" if size == "auto" else size).partition("x")
+        else:  # an OpenAI-compatible server: this project's teachers draw any square
+            w, _, h = str(size).partition("x")
+            if not (w.isdigit() and w == h and 16 <= int(w) <= 4096):
+                return self.error(400, f"Invalid size {size!r}: this server draws square images "
+                                  "from 16x16 to 4096x4096.", param="size")
+            if _int_or_none(seed) is None or seed < 0:
+                return self.error(400, f"Invalid 'seed': {seed!r}; expected a non-negative integer.",
+                                  param="seed")
         if self.k.no_credits:
             return self.error(429, "You exceeded your current quota, please check your plan and billing details.",
                               code="insufficient_quota")
@@ -437,15 +559,14 @@ class OpenAISim(_Sim):
             return self.error(400, "Your request was rejected as a result of our safety system.", code=code)
         if self.k.fail_job_rate and self.rng.random() < self.k.fail_job_rate:
             return self.error(500, "The server had an error while processing your request. Sorry about that!")
-        idem = request.headers.get("Idempotency-Key")
-        # A stalled answer: drawn and billed, but the client gives up waiting (a timeout).
-        stall = self.k.stall_rate and self.rng.random() < self.k.stall_rate
+        seed = int(seed) if family is None else 0
+        draw = (key, prompt, seed, n, int(w), int(h), fmt)
+        idem = request.headers.get("Idempotency-Key") if self.k.idempotency else None
         if not idem:
-            body = await self._draw(key, prompt, seed, n, int(w), fmt)
-            if stall:
-                await asyncio.sleep(self.k.stall_s)
-            return web.json_response(body)
-        asked = (model, prompt, seed, n, w, fmt)
+            # Drawn to the end even if this client disconnects: it is billed either way.
+            answer = await asyncio.shield(asyncio.ensure_future(self._draw(*draw)))
+            return await self.answer(request, web.json_response(answer))
+        asked = (model, prompt, seed, n, size, fmt)
         seen = self.idempotent.get(idem)
         if seen is not None:  # the same purchase again (a client restarted): the billed answer, free
             if seen[0] != asked:
@@ -453,18 +574,19 @@ class OpenAISim(_Sim):
                                   code="idempotency_key_reused")
             self.replayed += 1
             return web.json_response(await asyncio.shield(seen[1]))
-        done = asyncio.ensure_future(self._draw(key, prompt, seed, n, int(w), fmt))
+        done = asyncio.ensure_future(self._draw(*draw))
         self.idempotent[idem] = (asked, done)
-        # Drawn to the end even if this client disconnects: it is billed either way.
-        body = await asyncio.shield(done)
-        if stall:
-            await asyncio.sleep(self.k.stall_s)
-        return web.json_response(body)
+        return await self.answer(request, web.json_response(await asyncio.shield(done)))
 
-    async def _draw(self, key: Key, prompt: str, seed: int, n: int, side: int, fmt: str) -> dict[str, Any]:
+    async def _draw(self, key: Key, prompt: str, seed: int, n: int, width: int, height: int,
+                    fmt: str) -> dict[str, Any]:
         await asyncio.sleep(self.k.job_s)
         self.charged[key] += 1
-        pngs = [self.image(prompt, seed + i, side)[0] for i in range(n)]
+        side = max(width, height)
+        pngs = []
+        for i in range(n):
+            png, drawn = self.image(prompt, seed + i, side)
+            pngs.append(_stretched(png, width * drawn // side, height * drawn // side))
         if fmt == "b64_json":
             return images_response(pngs)
         return {"created": int(time.time()), "data": [
@@ -474,9 +596,48 @@ class OpenAISim(_Sim):
 # -- Black Forest Labs --------------------------------------------------------------------------------
 
 class BFLSim(_Sim):
-    """FLUX API: submit, then poll polling_url; samples are signed URLs that expire."""
+    """FLUX API: submit, then poll polling_url; samples are signed URLs that expire.
+
+    The 429 is about tasks in flight, not a rate: a submit while
+    `max_active_tasks` tasks are Pending (24; 6 for flux-kontext-max) answers
+    429 {"detail"}, with no Retry-After, and succeeds again once some finish.
+    A moderated task is not charged; a task that ends "Error" is."""
 
     kind = "bfl"
+
+    def __init__(self, knobs: SimKnobs) -> None:
+        super().__init__(knobs)
+        self.pending: list[float] = []   # done_at of every task created, a heap: the Pending ones are ahead
+
+    def billable(self, outcome: str) -> bool:
+        # help.bfl.ai "Why is my prompt getting moderated?": "You are not charged for requests that return a
+        # moderated status" (Request or Content Moderated). The same page says "Only successful generations
+        # (status: Ready) consume credits", but nothing on BFL's error pages says an "Error" task is free:
+        # until one does, an Error task is charged (the conservative reading for our accounting).
+        return outcome != "moderated"
+
+    def active_cap(self, model: str) -> int | None:
+        """How many tasks may be Pending at once. BFL: 24 concurrent (in flight) tasks on most endpoints,
+        6 on FLUX.1 Kontext [max] (black-forest-labs/skills bfl-api references/rate-limiting.md; docs.bfl.ai
+        api_integration/errors: "429 - Too Many Requests: You've exceeded the rate limits for your account")."""
+        if self.k.max_active_tasks is None:
+            return None
+        return min(self.k.max_active_tasks, 6) if model == "flux-kontext-max" else self.k.max_active_tasks
+
+    def too_many_active(self, key: Key, model: str) -> web.Response | None:
+        cap = self.active_cap(model)
+        if cap is None:
+            return None
+        now = self.now()
+        while self.pending and self.pending[0] <= now:
+            heapq.heappop(self.pending)
+        if len(self.pending) < cap:
+            return None
+        self.throttled[key] += 1
+        # No Retry-After: BFL documents none for this 429 (its skills' example has a `retry_after` body
+        # field, not a header); the body is FastAPI's {"detail"} as BFL's other errors.
+        return self.error(429, f"You have exceeded the number of active tasks ({cap}). Wait for some of your "
+                          "tasks to finish before submitting new ones.")
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/get_result", self.get_result)
@@ -504,7 +665,7 @@ class BFLSim(_Sim):
             return self.error(403, f"Not authenticated - Invalid Authentication{self.key_text(given)}")
         return None
 
-    async def submit(self, request: web.Request) -> web.Response:
+    async def submit(self, request: web.Request) -> web.StreamResponse:
         if r := self._auth(request):
             return r
         body = await _json_body(request)
@@ -531,9 +692,12 @@ class BFLSim(_Sim):
             return self.error(422, "output_format must be 'jpeg' or 'png'", param="output_format")
         if self.k.no_credits:
             return self.error(402, "Insufficient credits. Add credits at https://dashboard.bfl.ai.")
+        if r := self.too_many_active(key, request.match_info["model"]):
+            return r
         job = self.new_job(prompt, int(seed or 0), int(side), output_format=body.get("output_format", "jpeg"))
-        return web.json_response({"id": job.id, "polling_url": f"{self.origin}/v1/get_result?id={job.id}",
-                                  "cost": 4.0})
+        heapq.heappush(self.pending, job.done_at)
+        return await self.answer(request, web.json_response(
+            {"id": job.id, "polling_url": f"{self.origin}/v1/get_result?id={job.id}", "cost": 4.0}))
 
     async def get_result(self, request: web.Request) -> web.Response:
         if r := self._auth(request):
@@ -565,9 +729,17 @@ _FAL_PRESETS = {"square_hd": 1024, "square": 512}
 
 class FalSim(_Sim):
     """fal queue: submit; status 202 IN_QUEUE / IN_PROGRESS, 200 COMPLETED; result at response_url.
-    `moderate` behaves like FLUX's safety checker: a black image with has_nsfw_concepts true."""
+    `moderate` behaves like FLUX's safety checker: a black image with has_nsfw_concepts true.
+    A failed request is not charged; a blanked (NSFW) image is."""
 
     kind = "fal"
+
+    def billable(self, outcome: str) -> bool:
+        # docs.fal.ai model-apis/pricing: "You pay only for successful outputs, and you are never charged for
+        # server errors"; model-endpoints/reliability: "Failed requests that return 5xx status codes are not
+        # billed". A safety-checked image is an output that was delivered (black, has_nsfw_concepts): the
+        # docs do not call it free, so it is charged.
+        return outcome != "failed"
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/{owner}/{app}/requests/{rid}/status", self.status)
@@ -629,7 +801,8 @@ class FalSim(_Sim):
             return self.error(403, "User is locked. Reason: Exhausted balance. Top up your balance at "
                               "fal.ai/dashboard/billing.")
         job = self.new_job(prompt, int(seed or 0), side)
-        return web.json_response({"request_id": job.id, **self._urls(request, job.id), "queue_position": 0})
+        return await self.answer(request, web.json_response(
+            {"request_id": job.id, **self._urls(request, job.id), "queue_position": 0}))
 
     def _job(self, request: web.Request) -> _Job | web.Response:
         job = self.jobs.get(request.match_info["rid"])
@@ -694,9 +867,28 @@ _REPLICATE_RATIOS = {"1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "
 
 
 class ReplicateSim(_Sim):
-    """Predictions API with `Prefer: wait` (held until done or the wait runs out), then polling."""
+    """Predictions API with `Prefer: wait` (held until done or the wait runs out), then polling.
+    Statuses (replicate.com/docs/topics/predictions/lifecycle): starting, processing, succeeded,
+    failed, canceled, aborted. `abort_rate` predictions end aborted (never ran: not charged),
+    `cancel_rate` ones canceled after starting (charged)."""
 
     kind = "replicate"
+
+    def outcome(self, prompt: str) -> str:
+        # lifecycle: "aborted: the prediction exceeded its deadline before it could start running";
+        # "canceled: ... exceeded its deadline after starting".
+        if self.k.abort_rate and self.rng.random() < self.k.abort_rate:
+            return "aborted"
+        out = super().outcome(prompt)
+        if out == "ok" and self.k.cancel_rate and self.rng.random() < self.k.cancel_rate:
+            return "canceled"
+        return out
+
+    def billable(self, outcome: str) -> bool:
+        # replicate.com/changelog/2025-10-16-prediction-deadlines: "For public models, you're only charged for
+        # predictions with a canceled status, not for aborted ones"; replicate.com/docs/billing: billed for the
+        # compute time used, so failed (and NSFW-flagged) predictions, which ran, are charged.
+        return outcome != "aborted"
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/models/{owner}/{name}/predictions", self.create)
@@ -725,9 +917,12 @@ class ReplicateSim(_Sim):
         done = self.finish(job)
         status, output, error = "processing", None, None
         if not done:
-            status = "starting" if self.now() < job.created + self.k.job_s / 3 else "processing"
+            started = job.outcome != "aborted" and self.now() >= job.created + self.k.job_s / 3
+            status = "processing" if started else "starting"
         elif job.outcome == "ok":
             status, output = "succeeded", [job.url]
+        elif job.outcome in ("aborted", "canceled"):
+            status = job.outcome
         elif job.outcome == "moderated":
             status, error = "failed", "NSFW content detected. Try running it again, or try a different prompt."
         else:
@@ -738,7 +933,7 @@ class ReplicateSim(_Sim):
                 "error": error, "status": status, "created_at": _now_iso(),
                 "urls": {"get": get, "cancel": f"{get}/cancel", "web": f"https://replicate.com/p/{job.id}"}}
 
-    async def create(self, request: web.Request) -> web.Response:
+    async def create(self, request: web.Request) -> web.StreamResponse:
         if r := self._auth(request):
             return r
         body = await _json_body(request)
@@ -774,7 +969,7 @@ class ReplicateSim(_Sim):
         wait = self._wait(prefer)
         if wait:
             await asyncio.sleep(max(0.0, min(wait, job.done_at - self.now())))
-        return web.json_response(self._prediction(job), status=201)
+        return await self.answer(request, web.json_response(self._prediction(job), status=201))
 
     def _wait(self, prefer: str) -> float:
         """Seconds to hold a create: `Prefer: wait` (60) or `wait=N` (1..60), capped by the knob."""
@@ -802,9 +997,9 @@ class ReplicateSim(_Sim):
         if job is None:
             return self.error(404, "The requested resource could not be found.")
         pred = self._prediction(job)
-        if pred["status"] in ("starting", "processing"):
-            job.outcome, job.extra["error"] = "failed", "canceled"
-            pred["status"] = "canceled"
+        if pred["status"] in ("starting", "processing"):  # charged still: it was created (and may have run)
+            job.outcome, job.done_at = "canceled", self.now()
+            pred = self._prediction(job)
         return web.json_response(pred)
 
 
@@ -814,7 +1009,9 @@ _STABILITY_RATIOS = {"16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", 
 
 
 class StabilitySim(_Sim):
-    """v2beta stable-image generate: multipart in, image bytes (or JSON base64) out."""
+    """v2beta stable-image generate: multipart in, image bytes (or JSON base64) out.
+    A moderated prompt is a 403 and not charged (Stability's own error text says so);
+    a CONTENT_FILTERED image is answered and charged (the docs do not call it free)."""
 
     kind = "stability"
 
@@ -829,7 +1026,7 @@ class StabilitySim(_Sim):
         return web.json_response({"id": uuid.uuid4().hex, "name": name, "errors": [message]},
                                  status=status, headers=headers)
 
-    async def generate(self, request: web.Request) -> web.Response:
+    async def generate(self, request: web.Request) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
         given = auth[7:] if auth.startswith("Bearer ") else None
         if not self.key_ok(given):
@@ -861,6 +1058,9 @@ class StabilitySim(_Sim):
             return self.error(402, "You lack sufficient credits to make this request. Please purchase more "
                               "credits and try again.", code="payment_required")
         if self.moderated(prompt):
+            # Stability's own 403 content_moderation text (API reference, generate core/ultra/sd3; the page
+            # was not in our doc search, the text is as this sim and the brief quote it): "... your request
+            # was denied and you were not charged." So nothing is charged: the charge comes only below.
             return self.error(403, "Your request was flagged by our content moderation system, as a result your "
                               "request was denied and you were not charged.", code="content_moderation")
         if self.k.fail_job_rate and self.rng.random() < self.k.fail_job_rate:
@@ -871,15 +1071,18 @@ class StabilitySim(_Sim):
         data, ctype = _as_format(png, fmt)
         reason = "CONTENT_FILTERED" if self.k.placeholder else "SUCCESS"
         if accept == "application/json":
-            return web.json_response({"image": base64.b64encode(data).decode("ascii"), "finish_reason": reason,
-                                      "seed": seed})
-        return web.Response(body=data, content_type=ctype, headers={"finish-reason": reason, "seed": str(seed)})
+            return await self.answer(request, web.json_response(
+                {"image": base64.b64encode(data).decode("ascii"), "finish_reason": reason, "seed": seed}))
+        return await self.answer(request, web.Response(body=data, content_type=ctype,
+                                                       headers={"finish-reason": reason, "seed": str(seed)}))
 
 
 # -- Ideogram ------------------------------------------------------------------------------------------------
 
 class IdeogramSim(_Sim):
-    """Ideogram 3.0 generate: multipart in, ephemeral URLs out; unsafe images withheld."""
+    """Ideogram 3.0 generate: multipart in, ephemeral URLs out; unsafe images withheld.
+    Every answered generation is charged, an unsafe one too: we found nothing in
+    developer.ideogram.ai on charges for is_image_safe false, so the conservative choice is made."""
 
     kind = "ideogram"
 
@@ -891,7 +1094,7 @@ class IdeogramSim(_Sim):
         # Ideogram's error body shape is not documented where we looked; FastAPI's {"detail"} is assumed.
         return web.json_response({"detail": message}, status=status, headers=headers)
 
-    async def generate(self, request: web.Request) -> web.Response:
+    async def generate(self, request: web.Request) -> web.StreamResponse:
         given = request.headers.get("Api-Key")
         if not self.key_ok(given):
             return self.error(401, f"Invalid API key{self.key_text(given)}")
@@ -921,9 +1124,9 @@ class IdeogramSim(_Sim):
         if safe:
             png, side = self.image(prompt, seed, side)
             url = self.publish(png, self.now() + self.k.url_ttl_s)
-        return web.json_response({"created": _now_iso(), "data": [{
+        return await self.answer(request, web.json_response({"created": _now_iso(), "data": [{
             "prompt": prompt, "resolution": f"{side}x{side}", "is_image_safe": safe, "seed": seed,
-            "url": url, "style_type": "GENERAL"}]})
+            "url": url, "style_type": "GENERAL"}]}))
 
 
 # -- running them ---------------------------------------------------------------------------------------------

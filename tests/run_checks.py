@@ -21,6 +21,6 @@ def assert_consistent(run: Path) -> None:
     for v in vs:
         for r in versions.read(v):
             assert from_png(store.get(r.image_ref)).shape[2] == 3
-    entries = Ledger(run / "ledger.jsonl").entries()
+    entries = Ledger(run / "ledger.sqlite").entries()
     keys = [(e["teacher"], e["prompt"], e["seed"], e["size"]) for e in entries]
     assert len(keys) == len(set(keys))

@@ -325,7 +325,7 @@ def test_the_projects_provider_client_buys_from_it(served, tmp_path, monkeypatch
                             api_key_env=KEY_ENV, provider_options={"size": "64x64"}, price_per_image=0.0)
 
     async def render():
-        gw = TeacherGateway(teacher, teacher.base_url, tmp_path / "images", tmp_path / "ledger.jsonl", 32)
+        gw = TeacherGateway(teacher, teacher.base_url, tmp_path / "images", tmp_path / "ledger.sqlite", 32)
         try:
             return await gw.render("a red circle", 21)
         finally:

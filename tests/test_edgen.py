@@ -234,7 +234,7 @@ def test_openai_client_against_the_serve_app(ray_local, tmp_path):
         async def buy():
             gw = TeacherGateway(TeacherConfig(name="edgen", kind="openai", base_url=f"{base}/v1", model="edgen",
                                               price_per_image=0.0), f"{base}/v1", tmp_path / "images",
-                                tmp_path / "ledger.jsonl", 32)
+                                tmp_path / "ledger.sqlite", 32)
             try:
                 return await gw.render("a blue square", 11)
             finally:

@@ -111,7 +111,7 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
     assert chosen == {r.id: r.teacher for r in versions.read(0)}
     evolved = json.loads((run / "verdicts" / "evolve_000.json").read_text())
     assert {e["op"] for e in evolved} == {"expand", "mutate"}
-    assert report["total_images_bought"] == len(Ledger(run / "ledger.jsonl"))
+    assert report["total_images_bought"] == len(Ledger(run / "ledger.sqlite"))
     trainer = json.loads((run / "rounds" / "trainer.json").read_text())
     assert trainer["steps"] > 0 and 0 <= trainer["wait_fraction"] < 1
     steps = [r["trainer_step"] for r in rounds] + [final["trainer_step"]]

@@ -40,7 +40,7 @@ def rec(id_, prompt, op, rnd=0, parent=None, teacher="aurora") -> Record:
 def run_folder(tmp_path: Path, *, final=True, report=True, judge=True, datasets=True, rounds=2):
     f = SimpleNamespace(root=tmp_path, rounds=tmp_path / "rounds", grids=tmp_path / "grids",
                         datasets=tmp_path / "datasets", report=tmp_path / "report.json",
-                        ledger=tmp_path / "ledger.jsonl")
+                        ledger=tmp_path / "ledger.sqlite")
     f.rounds.mkdir()
     f.grids.mkdir()
     write_json_atomic(f.rounds / "baseline.json", {"heldout": acc(0.25)})
@@ -77,9 +77,9 @@ def run_folder(tmp_path: Path, *, final=True, report=True, judge=True, datasets=
         dv.write(2, v1[1:] + [rec("m1", "a green triangle left of a circle", "mutate", 2),
                               rec("e2", "four red squares", "expand", 2, "e1")], {"round": 2})
     if report:
-        ledger = Ledger(f.ledger)  # what the report counts as bought: every image in the ledger
+        ledger = Ledger(f.ledger)  # what the report counts as bought and spent: the ledger ($0.30)
         for i in range(24):
-            ledger.record({"teacher": "aurora", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.0})
+            ledger.record({"teacher": "aurora", "prompt": f"p{i}", "seed": 0, "size": 32, "ref": "r", "price": 0.0125})
         write_report(f, {"aurora": acc(0.9)}, {"aurora": {"paid_calls": 12, "spent": 0.2},
                                                "brush": {"paid_calls": 12, "spent": 0.1}},
                      61.0, say=lambda *_: None,
@@ -162,6 +162,6 @@ def test_screenshot(tmp_path):
         "screenshot_report", Path(__file__).parents[1] / "scripts" / "screenshot_report.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    f = run_folder(tmp_path)
+    run_folder(tmp_path)
     out = mod.screenshot(str(tmp_path / "report.html"), tmp_path / "shot.png", 800, 1200)
     assert Image.open(out).size == (800, 1200)

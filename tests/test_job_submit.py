@@ -204,7 +204,7 @@ def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_pa
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         billed = sum(s["images"] for s in servers.stats().values())
     assert_consistent(run_dir)
-    assert len(Ledger(run_dir / "ledger.jsonl")) == billed
+    assert len(Ledger(run_dir / "ledger.sqlite")) == billed
     report = json.loads((run_dir / "report.json").read_text())
     assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0, 1]
     final = report["student"]["final"]

@@ -82,7 +82,7 @@ def test_a_stopped_run_resumes_where_it_stopped_and_buys_nothing_twice(tmp_path)
     assert rep["stopped"] == "rounds" and [r["round"] for r in rep["rounds"]] == [0, 1, 2]
     assert (tmp_path / "run" / "rounds" / "round_000.json").read_text() == round0
     paid = first.parts.teachers.calls + second.parts.teachers.calls
-    assert len(paid) == len(set(paid)) == len(Ledger(tmp_path / "run" / "ledger.jsonl"))
+    assert len(paid) == len(set(paid)) == len(Ledger(tmp_path / "run" / "ledger.sqlite"))
     assert_consistent(tmp_path / "run")
 
 

@@ -8,6 +8,7 @@ error bodies. Sizes are tiny and intervals short so the whole file runs in secon
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import io
 import json
@@ -92,8 +93,8 @@ def assert_outcome(exc: BaseException, kind: str, *, retryable: bool = False) ->
     assert exc.kind == kind, f"expected {kind}, got {exc!r}"
     assert exc.retryable is retryable
     clone = pickle.loads(pickle.dumps(exc))
-    assert (clone.kind, clone.status, clone.message, clone.provider) == (exc.kind, exc.status, exc.message,
-                                                                        exc.provider)
+    assert (clone.kind, clone.status, clone.message, clone.provider, clone.uncertain, clone.free) == (
+        exc.kind, exc.status, exc.message, exc.provider, exc.uncertain, exc.free)
     for text in (str(exc), repr(exc), str(exc.args), str(clone), repr(exc.record())):
         assert KEY not in text and WRONG_KEY not in text, text
     return exc
@@ -186,15 +187,21 @@ async def test_server_error_is_retryable(kind: str) -> None:
         assert sim.stats()["charged"] == 0
 
 
+# Whether a job that ended in the provider's failure state was charged, per its docs (provider_sims).
+FAILED_JOB_CHARGED = {"bfl": 1, "fal": 0, "replicate": 1}
+
+
 @pytest.mark.parametrize("kind", PROVIDER_KINDS)
 @run
 async def test_failed_job(kind: str) -> None:
     async with rig(kind, fail_job_rate=1.0) as (sim, session, provider):
         if kind in ASYNC_KINDS:
-            # The job was accepted (and billed); its failure state will not change on a poll.
+            # The job was accepted; its failure state will not change on a poll. BFL and Replicate bill it,
+            # fal does not ("you pay only for successful outputs") and its client says so.
             job = await provider.submit(session, PROMPT, SEED, SIZE)
-            assert_outcome(await fails(provider.collect(session, job, SIZE)), "failed")
-            assert sim.counts(PROMPT, SEED)["charged"] == 1
+            exc = assert_outcome(await fails(provider.collect(session, job, SIZE)), "failed")
+            assert sim.counts(PROMPT, SEED)["charged"] == FAILED_JOB_CHARGED[kind]
+            assert exc.free is (FAILED_JOB_CHARGED[kind] == 0) and not exc.uncertain
         else:
             # Synchronous APIs report a failed generation as a 500: worth another try.
             exc = assert_outcome(await fails(provider.submit(session, PROMPT, SEED, SIZE)), "transient",
@@ -352,6 +359,7 @@ async def test_timeout_is_transient() -> None:
         exc = await fails(provider.submit(session, PROMPT, SEED, SIZE))
         assert_outcome(exc, "transient", retryable=True)
         assert exc.status is None and "no answer" in exc.message
+        assert exc.uncertain  # sent, unanswered: the client cannot know whether it was billed
 
 
 @run
@@ -364,22 +372,26 @@ async def test_connection_refused_is_transient() -> None:
         exc = await fails(provider.submit(session, PROMPT, SEED, SIZE))
         assert_outcome(exc, "transient", retryable=True)
         assert exc.status is None
+        assert not exc.uncertain and "could not connect" in exc.message  # nothing was sent: nothing billed
 
 
 # -- OpenAI specifics ----------------------------------------------------------------------------------
 
 @run
 async def test_gpt_image_models_get_no_response_format() -> None:
-    # The sim, like OpenAI, rejects response_format for gpt-image-*; the client must leave it out.
-    async with rig("openai", model="gpt-image-1") as (_, session, provider):
+    # The sim, like OpenAI, rejects response_format (and seed) for gpt-image-*; the client leaves them out
+    # and asks for 1024x1024, which every OpenAI model draws (the gateway scales it down).
+    async with rig("openai", model="gpt-image-1") as (sim, session, provider):
+        assert provider.requested_side(SIZE) == 1024 and provider.expected_side(SIZE) == 1024
         images = await buy(provider, session)
-        assert size_of(images[0].png) == (SIZE, SIZE)
+        assert size_of(images[0].png) == (1024, 1024)
+        assert sim.counts(PROMPT, 0)["charged"] == 1  # no seed went out
 
 
 @run
 async def test_idempotency_key_makes_a_repeated_purchase_free() -> None:
-    # A gateway that died mid-call asks again with the same key: the server replays the billed answer.
-    async with rig("openai") as (sim, session, provider):
+    # This project's own servers (idempotency=True) replay the billed answer to a repeated key.
+    async with rig("openai", idempotency=True) as (sim, session, provider):
         first = await provider.generate(session, PROMPT, SEED, SIZE, idempotency_key="evolve-abc")
         again = await provider.generate(session, PROMPT, SEED, SIZE, idempotency_key="evolve-abc")
         assert again[0].png == first[0].png
@@ -390,9 +402,13 @@ async def test_idempotency_key_makes_a_repeated_purchase_free() -> None:
 
 @pytest.mark.parametrize("kind", PROVIDER_KINDS)
 @run
-async def test_every_provider_accepts_an_idempotency_key(kind: str) -> None:
-    async with rig(kind) as (_, session, provider):
-        assert len(await provider.generate(session, PROMPT, SEED, SIZE, idempotency_key="evolve-k")) == 1
+async def test_a_repeated_idempotency_key_is_billed_again(kind: str) -> None:
+    # No provider documents Idempotency-Key for image generation (OpenAI included): every one takes the
+    # header and bills the second call as a new purchase, as the real services would.
+    async with rig(kind) as (sim, session, provider):
+        for _ in range(2):
+            assert len(await provider.generate(session, PROMPT, SEED, SIZE, idempotency_key="evolve-k")) == 1
+        assert sim.counts(PROMPT, SEED)["charged"] == 2 and sim.stats()["replayed"] == 0
 
 
 @run
@@ -401,6 +417,216 @@ async def test_openai_compatible_teacher_keeps_flaws() -> None:
         job = await provider.submit(session, PROMPT, SEED, SIZE)
         flawed = ImageJob("openai", None, None, None, (GeneratedImage(job.images[0].png, ["count"]),))
         assert (await provider.collect(session, flawed, SIZE))[0].flaws == ["count"]
+
+
+# -- OpenAI's own models: the sim answers as OpenAI does ---------------------------------------------------
+
+async def post_images(sim: ProviderSim, session: aiohttp.ClientSession, **body: Any) -> tuple[int, dict]:
+    async with session.post(f"{sim.base_url}/images/generations", json={"prompt": PROMPT, **body},
+                            headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        return resp.status, await resp.json()
+
+
+def openai_400(status: int, body: dict, param: str, code: str | None) -> str:
+    """Check an OpenAI-shaped 400 {"error": {"message", "type", "param", "code"}}; return its message."""
+    assert status == 400, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, code), err
+    return err["message"]
+
+
+REJECTED_SIZES = {"dall-e-2": ["32x32", "1792x1024", "auto"], "dall-e-3": ["512x512", "1536x1024"],
+                  "gpt-image-1": ["512x512", "1792x1024", "64x64"], "gpt-image-1-mini": ["256x256"]}
+
+
+@pytest.mark.parametrize("model", sorted(REJECTED_SIZES))
+@run
+async def test_openai_sim_rejects_seed_and_sizes_its_models_do_not_draw(model: str) -> None:
+    async with rig("openai") as (sim, session, _):
+        message = openai_400(*await post_images(sim, session, model=model, size="1024x1024", seed=3),
+                             "seed", "unknown_parameter")
+        assert message == "Unknown parameter: 'seed'."
+        for size in REJECTED_SIZES[model]:
+            message = openai_400(*await post_images(sim, session, model=model, size=size), "size", "invalid_value")
+            assert repr(size) in message and "'1024x1024'" in message
+        assert sim.stats()["charged"] == 0
+
+
+@run
+async def test_openai_sim_model_rules() -> None:
+    async with rig("openai") as (sim, session, _):
+        assert openai_400(*await post_images(sim, session, model="dall-e-3", n=2), "n", "invalid_value")
+        openai_400(*await post_images(sim, session, model="gpt-image-1", response_format="url"),
+                   "response_format", "unknown_parameter")
+        # What each draws, non-square sizes included (the scene stretched to width x height).
+        for model, size, want in [("dall-e-2", "256x256", (256, 256)), ("dall-e-3", "1792x1024", (1792, 1024)),
+                                  ("gpt-image-1", "1024x1536", (1024, 1536)), ("gpt-image-1", None, (1024, 1024))]:
+            status, body = await post_images(sim, session, model=model, response_format="b64_json", size=size)
+            if model.startswith("gpt-image"):  # always base64, and response_format is refused
+                status, body = await post_images(sim, session, model=model, **({"size": size} if size else {}))
+            assert status == 200, body
+            assert size_of(base64.b64decode(body["data"][0]["b64_json"])) == want
+        # A DALL-E model answers a URL unless asked otherwise.
+        status, body = await post_images(sim, session, model="dall-e-3")
+        assert status == 200 and body["data"][0]["url"].startswith(sim.state.origin)
+        # Any other model name is an OpenAI-compatible server: any square, seed honoured.
+        status, body = await post_images(sim, session, model="teacher-x", size="48x48", seed=5,
+                                         response_format="b64_json")
+        assert status == 200 and size_of(base64.b64decode(body["data"][0]["b64_json"])) == (48, 48)
+        assert openai_400(*await post_images(sim, session, model="teacher-x", size="48x64"), "size", None)
+
+
+@pytest.mark.parametrize("model", ["dall-e-2", "dall-e-3", "gpt-image-1"])
+@run
+async def test_openai_client_asks_official_models_for_1024(model: str) -> None:
+    async with rig("openai", model=model) as (sim, session, provider):
+        assert provider.requested_side(SIZE) == 1024 and provider.expected_side(SIZE) == 1024
+        images = await buy(provider, session)
+        assert size_of(images[0].png) == (1024, 1024)
+        assert sim.counts(PROMPT, 0)["charged"] == 1
+
+
+def test_openai_client_refuses_a_misconfigured_official_model() -> None:
+    for model, size in [("dall-e-2", "1792x1024"), ("dall-e-3", "256x256"), ("gpt-image-1", "512x512"),
+                        ("gpt-image-1-mini", "32x32")]:
+        with pytest.raises(ValueError) as info:
+            make_provider("openai", None, model, KEY, extra={"size": size})
+        text = str(info.value)
+        assert model in text and size in text and "1024x1024" in text, text
+    with pytest.raises(ValueError, match="gpt-image-1.*seed"):
+        make_provider("openai", None, "gpt-image-1", KEY, extra={"params": {"seed": 1}})
+    with pytest.raises(ValueError, match="dall-e-3.*'512x512'"):
+        make_provider("openai", None, "dall-e-3", KEY, extra={"params": {"size": "512x512"}})
+    with pytest.raises(ValueError, match="seed"):
+        make_provider("openai", None, "dall-e-2", KEY, extra={"send_seed": True})
+    # Sizes they draw are fine; a non-square or "auto" one is not size-checked.
+    wide = make_provider("openai", None, "gpt-image-1", KEY, extra={"size": "1536x1024"})
+    assert wide.expected_side(SIZE) is None
+    assert make_provider("openai", None, "dall-e-2", KEY, extra={"size": "256x256"}).expected_side(SIZE) == 256
+    assert make_provider("openai", None, "gpt-image-1", KEY, extra={"size": "auto"}).expected_side(SIZE) is None
+    # A compatible server keeps the teacher's size and its seed.
+    compatible = make_provider("openai", None, "teacher-x", KEY, extra={"params": {"seed": 1}})
+    assert compatible.requested_side(SIZE) == SIZE and compatible.expected_side(SIZE) == SIZE
+
+
+# -- what a failure cost: uncertain and free outcomes -----------------------------------------------------
+
+@pytest.mark.parametrize("kind", PROVIDER_KINDS)
+@run
+async def test_a_reset_after_billing_is_uncertain(kind: str) -> None:
+    # The server billed (or created the job), then dropped the connection without an HTTP answer.
+    async with rig(kind, reset_rate=1.0) as (sim, session, provider):
+        exc = assert_outcome(await fails(provider.submit(session, PROMPT, SEED, SIZE)), "transient",
+                             retryable=True)
+        assert exc.uncertain and exc.status is None and not exc.free
+        assert any(name in exc.message for name in ("ServerDisconnectedError", "ClientOSError")), exc.message
+        assert sim.counts(PROMPT, SEED)["charged"] == 1 and sim.stats()["resets"] == 1
+        assert "500" not in sim.stats()["statuses"]
+
+
+@pytest.mark.parametrize("kind", PROVIDER_KINDS)
+@run
+async def test_a_stalled_answer_times_out_uncertain(kind: str) -> None:
+    async with rig(kind, stall_rate=1.0, stall_s=5.0, client={"timeout_s": 0.3}) as (sim, session, provider):
+        started = time.monotonic()
+        exc = assert_outcome(await fails(provider.submit(session, PROMPT, SEED, SIZE)), "transient",
+                             retryable=True)
+        assert exc.uncertain and "no answer within 0.3s" in exc.message
+        assert sim.counts(PROMPT, SEED)["charged"] == 1 and sim.stats()["stalled"] == 1
+    assert time.monotonic() - started < 3  # the sim let go once the client hung up
+
+
+@pytest.mark.parametrize("kind", PROVIDER_KINDS)
+@run
+async def test_a_bare_429_has_no_retry_after(kind: str) -> None:
+    async with rig(kind, rate_limit_rpm=60, rate_window_s=1.0, retry_after=False) as (sim, session, provider):
+        await provider.submit(session, PROMPT, 1, SIZE)
+        exc = assert_outcome(await fails(provider.submit(session, PROMPT, 2, SIZE)), "transient", retryable=True)
+        assert exc.status == 429 and exc.retry_after is None and not exc.uncertain
+        assert sim.counts(PROMPT, 2) == {"charged": 0, "requests": 1, "429s": 1}
+
+
+@pytest.mark.parametrize("kind", ASYNC_KINDS)
+@run
+async def test_polls_ride_out_bare_429s(kind: str) -> None:
+    async with rig(kind, poll_429s=2, retry_after=False, sync_wait_cap_s=0.0) as (sim, session, provider):
+        assert len(await buy(provider, session)) == 1
+        assert sim.counts(PROMPT, SEED)["429s"] == 2
+
+
+def test_provider_error_fields_survive_pickle() -> None:
+    err = ProviderError(None, "lost", 1.5, "transient", "bfl", uncertain=True, free=False)
+    clone = pickle.loads(pickle.dumps(err))
+    assert (clone.status, clone.message, clone.retry_after, clone.kind, clone.provider, clone.uncertain,
+            clone.free) == (None, "lost", 1.5, "transient", "bfl", True, False)
+    free = pickle.loads(pickle.dumps(ProviderError(200, "moderated", kind="content_policy", free=True)))
+    assert free.free and not free.uncertain
+    assert "uncertain=True" in repr(err) and "free=True" in repr(free)
+    assert err.record()["uncertain"] is True and free.record()["free"] is True
+    assert ProviderError(400, "x", kind="bad_request").args == (400, "x", None, "bad_request", "", False, False)
+
+
+# -- BFL: active tasks, moderation ----------------------------------------------------------------------
+
+@run
+async def test_bfl_429s_the_25th_task_while_24_are_pending() -> None:
+    async with rig("bfl", job_s=0.6) as (sim, session, provider):
+        jobs = await asyncio.gather(*(provider.submit(session, PROMPT, s, SIZE) for s in range(24)))
+        assert len({j.job_id for j in jobs}) == 24
+        exc = assert_outcome(await fails(provider.submit(session, PROMPT, 24, SIZE)), "transient", retryable=True)
+        assert exc.status == 429 and "active tasks (24)" in exc.message
+        assert exc.retry_after is None  # BFL documents no Retry-After for it
+        assert sim.counts(PROMPT, 24) == {"charged": 0, "requests": 1, "429s": 1}
+        await asyncio.sleep(0.65)  # they finish (Ready, uncollected): the slots are free again
+        job = await provider.submit(session, PROMPT, 24, SIZE)
+        assert len(await provider.collect(session, job, SIZE)) == 1
+        assert sim.stats()["charged"] == 25
+
+
+@run
+async def test_bfl_kontext_max_allows_6_active_tasks() -> None:
+    async with rig("bfl", job_s=0.5, model="flux-kontext-max") as (sim, session, provider):
+        await asyncio.gather(*(provider.submit(session, PROMPT, s, SIZE) for s in range(6)))
+        assert (await fails(provider.submit(session, PROMPT, 6, SIZE))).status == 429
+    async with rig("bfl", job_s=0.5, max_active_tasks=None) as (sim, session, provider):
+        await asyncio.gather(*(provider.submit(session, PROMPT, s, SIZE) for s in range(30)))
+        assert sim.stats()["charged"] == 30
+
+
+@run
+async def test_bfl_moderated_task_is_free() -> None:
+    async with rig("bfl", moderate="forbidden") as (sim, session, provider):
+        exc = assert_outcome(await fails(buy(provider, session, "a forbidden circle")), "content_policy")
+        assert exc.free and not exc.uncertain and "Request Moderated" in exc.message
+        assert sim.counts("a forbidden circle", SEED)["charged"] == 0 and sim.stats()["jobs"] == 1
+
+
+# -- Replicate: aborted and canceled ------------------------------------------------------------------------
+
+@run
+async def test_replicate_aborted_prediction_is_free() -> None:
+    async with rig("replicate", abort_rate=1.0, sync_wait_cap_s=0.0) as (sim, session, provider):
+        job = await provider.submit(session, PROMPT, SEED, SIZE)
+        exc = assert_outcome(await fails(provider.collect(session, job, SIZE)), "failed")
+        assert exc.free and "aborted" in exc.message
+        assert sim.counts(PROMPT, SEED)["charged"] == 0
+
+
+@run
+async def test_replicate_canceled_prediction_is_billed() -> None:
+    async with rig("replicate", cancel_rate=1.0, sync_wait_cap_s=0.0) as (sim, session, provider):
+        job = await provider.submit(session, PROMPT, SEED, SIZE)
+        exc = assert_outcome(await fails(provider.collect(session, job, SIZE)), "failed")
+        assert not exc.free and "canceled" in exc.message
+        assert sim.counts(PROMPT, SEED)["charged"] == 1
+    # Canceled by the user (POST urls.cancel) while it runs: canceled on every later poll, and billed.
+    async with rig("replicate", job_s=2.0, sync_wait_cap_s=0.0) as (sim, session, provider):
+        job = await provider.submit(session, PROMPT, SEED, SIZE)
+        async with session.post(f"{job.poll_url}/cancel", headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 200 and (await resp.json())["status"] == "canceled"
+        exc = assert_outcome(await fails(provider.collect(session, job, SIZE)), "failed")
+        assert not exc.free and "canceled" in exc.message and sim.counts(PROMPT, SEED)["charged"] == 1
 
 
 # -- interface ---------------------------------------------------------------------------------------

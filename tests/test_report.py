@@ -17,7 +17,7 @@ def acc(x: float) -> dict:
 
 def folder(tmp_path):
     f = SimpleNamespace(root=tmp_path, rounds=tmp_path / "rounds", report=tmp_path / "report.json",
-                        ledger=tmp_path / "ledger.jsonl")
+                        ledger=tmp_path / "ledger.sqlite")
     f.rounds.mkdir()
     ledger = Ledger(f.ledger)  # six images, bought by an earlier process of the run
     for i in range(6):
@@ -48,3 +48,15 @@ def test_final_student_trained_on_the_last_version(tmp_path):
     assert rep["student"]["final"]["overall"] == 1.0
     md = (tmp_path / "report.md").read_text()
     assert "| student (final) | 100.0% |" in md and "last evolved version v0002 (snapshot at trainer step 400)" in md
+
+
+def test_spend_counts_uncertain_calls_and_says_so(tmp_path):
+    f = folder(tmp_path)
+    ledger = Ledger(f.ledger)
+    call = ledger.begin("a", "p9", 0, 32, 0.04)  # went out; no answer came
+    ledger.mark(call, "uncertain", why="timed out")
+    rep = write_report(f, {"a": acc(0.9)}, STATS, 12.0, say=lambda *_: None)
+    assert rep["total_spend"] == 0.28 and rep["spend_uncertain"] == 0.04 and rep["uncertain_calls"] == 1
+    assert rep["total_images_bought"] == 6
+    assert "spend $0.28 (of which $0.04 uncertain: 1 call that may have been billed)" in (
+        tmp_path / "report.md").read_text()

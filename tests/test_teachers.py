@@ -47,7 +47,7 @@ async def serving(cfg: TeacherConfig, **kw: Any) -> AsyncIterator[tuple[TeacherS
 
 def gateway(cfg: TeacherConfig, url: str, tmp_path, **kw: Any) -> TeacherGateway:
     kw = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0, **kw}
-    return TeacherGateway(cfg, url, tmp_path / "images", tmp_path / "ledger.jsonl", 32, **kw)
+    return TeacherGateway(cfg, url, tmp_path / "images", tmp_path / "ledger.sqlite", 32, **kw)
 
 
 async def post(url: str, body: Any, key: str | None = None) -> tuple[int, dict, Any]:
@@ -267,7 +267,7 @@ def test_gateway_never_pays_twice(tmp_path):
             assert again.stats()["spent"] == pytest.approx(0.01) and again.stats()["paid_calls"] == 0
             await again.close()
             assert servers.stats()["tutor"]["images"] == 1
-        assert Ledger(tmp_path / "ledger.jsonl").spent() == pytest.approx(0.01)
+        assert Ledger(tmp_path / "ledger.sqlite").spent() == pytest.approx(0.01)
         assert ImageStore(tmp_path / "images").has(together[0]["ref"])
     asyncio.run(main())
 
@@ -284,13 +284,13 @@ def test_a_call_cut_off_mid_flight_is_paid_once(tmp_path):
             for task in [doomed, *gw._inflight.values()]:  # the process dies: every task stops
                 task.cancel()
             await gw.close()                    # connection gone: nothing recorded
-            assert Ledger(tmp_path / "ledger.jsonl").entries() == []
+            assert Ledger(tmp_path / "ledger.sqlite").entries() == []
             again = gateway(cfg, url, tmp_path)
             out = await again.render(GOOD, 3)
             await again.close()
             st = servers.stats()["tutor"]
             assert st["images"] == 1 and st["replayed"] == 1 and not out["cached"]
-            assert len(Ledger(tmp_path / "ledger.jsonl").entries()) == 1
+            assert len(Ledger(tmp_path / "ledger.sqlite").entries()) == 1
 
             key = again.idempotency_key(GOOD, 3)
             async with aiohttp.ClientSession() as s:  # a key reused for another call is refused
@@ -370,7 +370,7 @@ def test_gateway_and_teacher_host_as_ray_actors(ray_local, tmp_path):
     try:
         urls = ray.get(host.start.remote([cfg], 32))
         assert ray.get(host.urls.remote()) == urls
-        gw = start_gateway(cfg, urls["rayed"], tmp_path / "images", tmp_path / "ledger.jsonl", 32)
+        gw = start_gateway(cfg, urls["rayed"], tmp_path / "images", tmp_path / "ledger.sqlite", 32)
         assert ray.get_actor("teacher:rayed") is not None
         out = ray.get(gw.render_many.remote([(GOOD, 0), (GOOD, 1), (GOOD, 0), (BAD, 0)]))
         assert [("ref" in r) for r in out] == [True, True, True, False]
@@ -419,7 +419,7 @@ def test_gateway_buys_from_every_provider(kind, tmp_path, monkeypatch):
             assert [o.get("error") for o in out] == [None] * 3, out
             png = ImageStore(tmp_path / "images").get(out[0]["ref"])
             assert from_png(png, 32).shape == (32, 32, 3)  # aspect-ratio providers' 64 px, scaled to 32
-            entries = Ledger(tmp_path / "ledger.jsonl").entries()
+            entries = Ledger(tmp_path / "ledger.sqlite").entries()
             assert len(entries) == 2 and sim.stats()["charged"] == 2
             if kind in ("stability", "ideogram", "replicate"):
                 assert entries[0]["native_size"] == 64
@@ -444,7 +444,7 @@ def test_gateway_killed_after_submit_collects_after_restart(kind, tmp_path, monk
             for task in [doomed, *gw._inflight.values()]:
                 task.cancel()
             await gw.close()
-            assert Ledger(tmp_path / "ledger.jsonl").entries() == []
+            assert Ledger(tmp_path / "ledger.sqlite").entries() == []
 
             again = make()
             assert again.stats()["spent"] == pytest.approx(cfg.price_per_image)  # the open job is money spent
@@ -452,7 +452,7 @@ def test_gateway_killed_after_submit_collects_after_restart(kind, tmp_path, monk
             await again.close()
             assert again.stats()["resumed_jobs"] == 1 and again.stats()["open_jobs"] == 0
             assert sim.counts(GOOD, 5)["charged"] == 1
-            assert len(Ledger(tmp_path / "ledger.jsonl").entries()) == 1 and out["ref"]
+            assert len(Ledger(tmp_path / "ledger.sqlite").entries()) == 1 and out["ref"]
             assert again.stats()["spent"] == pytest.approx(cfg.price_per_image)  # counted once
     asyncio.run(main())
 
@@ -463,6 +463,8 @@ def test_gateway_typed_outcomes(tmp_path, monkeypatch):
             gw = make()
             out = (await gw.render_many([("a triangle", 0)]))[0]
             assert out["kind"] == "content_policy" and out["error_type"] == "TeacherGatewayError", out
+            # BFL does not charge a moderated task: nor does the ledger.
+            assert gw.stats()["spent"] == 0 and sim.counts("a triangle", 0)["charged"] == 0
             asked = sim.stats()["requests"]
             again = make()  # even after a restart, a refused prompt is not sent again
             out = (await again.render_many([("a triangle", 0)]))[0]
@@ -475,6 +477,16 @@ def test_gateway_typed_outcomes(tmp_path, monkeypatch):
             out = (await gw.render_many([(GOOD, 0)]))[0]
             assert out["kind"] == "safety_placeholder"
             assert gw.stats()["spent"] == pytest.approx(cfg.price_per_image)  # billed, unusable: still spent
+            again = (await gw.render_many([(GOOD, 0)]))[0]  # the filter's verdict is the prompt's: not bought again
+            assert again["kind"] == "safety_placeholder" and "refused earlier" in again["error"]
+            assert sim.counts(GOOD, 0)["charged"] == 1
+            await gw.close()
+        async with provider_rig("bfl", tmp_path / "d", monkeypatch, fail_job_rate=1.0) as (sim, cfg, make):
+            gw = make()
+            assert (await gw.render_many([(GOOD, 0)]))[0]["kind"] == "failed"
+            again = (await gw.render_many([(GOOD, 0)]))[0]  # billed for nothing once: not paid for again
+            assert again["kind"] == "failed" and "failed earlier" in again["error"]
+            assert sim.counts(GOOD, 0)["charged"] == 1 and gw.stats()["failed_before"] == 1
             await gw.close()
         async with provider_rig("stability", tmp_path / "c", monkeypatch, no_credits=True) as (sim, cfg, make):
             gw = make()
@@ -489,8 +501,10 @@ def test_gateway_typed_outcomes(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_gateway_actor_killed_mid_batch_pays_nothing_twice(ray_local, tmp_path):
-    """kill -9 of the gateway actor while a batch is at the teacher, then a new
-    gateway on the same ledger: every image arrives, none is billed twice."""
+    """kill -9 of the gateway actor while a batch is at the teacher: Ray starts it
+    again and asks the batch again; every image arrives, none is billed twice
+    (this project's servers honour Idempotency-Key, so the calls in flight are
+    asked again under their keys)."""
     import os
     import signal
 
@@ -502,37 +516,126 @@ def test_gateway_actor_killed_mid_batch_pays_nothing_twice(ray_local, tmp_path):
     urls = servers.start()
     servers_stats = servers.stats
     try:
-        args = (cfg, urls["killed"], str(tmp_path / "images"), str(tmp_path / "ledger.jsonl"), 32)
-        gw = start_gateway(*args)
+        gw = start_gateway(cfg, urls["killed"], str(tmp_path / "images"), str(tmp_path / "ledger.sqlite"), 32)
         pid = ray.get(gw.pid.remote())
         pending = gw.render_many.remote(todo)
         deadline = time.time() + 20
         while servers_stats()["killed"]["images"] < 5 and time.time() < deadline:
             time.sleep(0.02)   # some bought, four more at the teacher right now
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(pending, timeout=30)
-        bought_before = len(Ledger(tmp_path / "ledger.jsonl").entries())
-        assert 0 < bought_before < len(todo)
-        del gw, pending  # Ray frees a dead actor's name once no handle to it is left
-        while time.time() < deadline + 30:
-            try:
-                ray.get_actor("teacher:killed")
-                time.sleep(0.1)
-            except ValueError:
-                break
-
-        again = start_gateway(*args)
-        out = ray.get(again.render_many.remote(todo), timeout=60)
+        out = ray.get(pending, timeout=60)  # the restarted gateway answers the same call
+        assert ray.get(gw.pid.remote()) != pid
         assert all("ref" in o for o in out), out
         st = servers_stats()["killed"]
-        entries = Ledger(tmp_path / "ledger.jsonl").entries()
+        ledger = Ledger(tmp_path / "ledger.sqlite")
+        entries = ledger.entries()
         assert len(entries) == len({(e["prompt"], e["seed"]) for e in entries}) == len(todo)
         assert st["images"] == len(todo)  # billed once per image, the in-flight ones included
+        assert st["replayed"] >= 1 and ledger.totals().uncertain == 0  # in-flight calls settled by asking again
         store = ImageStore(tmp_path / "images")
         assert all(store.has(o["ref"]) for o in out)
-        print("killed mid-batch:", {"in_ledger_before": bought_before, "replayed": st["replayed"],
-                                     "billed": st["images"]})
-        ray.kill(again)
+        print("killed mid-batch:", {"replayed": st["replayed"], "billed": st["images"]})
+        ray.kill(gw)
     finally:
         servers.stop()
+
+
+# -- spend when a paid call's outcome is unknown ----------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def openai_rig(tmp_path, monkeypatch, knobs: dict | None = None, **cfg_kw: Any):
+    """The OpenAI-Images simulator (no idempotency, as OpenAI) and a gateway factory."""
+    from serve.provider_sims import ProviderSim
+
+    sim = ProviderSim("openai", api_key="sk-provider-secret", **(knobs or {}))
+    base = await sim.start()
+    monkeypatch.setenv("PROVIDER_KEY", "sk-provider-secret")
+    cfg_kw.setdefault("timeout_s", 0.3)
+    cfg = teacher("pro", kind="openai", model="teacher-x", api_key_env="PROVIDER_KEY", **cfg_kw)
+    try:
+        yield sim, cfg, (lambda **kw: TeacherGateway(cfg, base, tmp_path / "images", tmp_path / "ledger.sqlite",
+                                                     32, backoff_base_s=0.01, backoff_max_s=0.05, **kw))
+    finally:
+        await sim.stop()
+
+
+def test_a_call_that_times_out_is_counted_spent_and_not_bought_again(tmp_path, monkeypatch):
+    async def main() -> None:
+        async with openai_rig(tmp_path, monkeypatch, {"stall_rate": 1.0, "stall_s": 1.0}) as (sim, cfg, make):
+            gw = make()
+            assert gw.timeout_s == 0.3  # the teacher's own timeout_s
+            out = (await gw.render_many([(GOOD, 1)]))[0]
+            assert out["kind"] == "uncertain" and "on_uncertain: skip" in out["error"], out
+            st = gw.stats()
+            assert st["uncertain"] == pytest.approx(0.01) and st["certain"] == 0
+            assert st["spent"] == pytest.approx(0.01) and st["uncertain_calls"] == 1
+            assert sim.counts(GOOD, 1)["charged"] == 1  # the server billed it: counting it was right
+            asked = sim.stats()["requests"]
+            assert (await gw.render_many([(GOOD, 1)]))[0]["kind"] == "uncertain"
+            await gw.close()
+            again = make()  # a restart does not forget it either
+            assert (await again.render_many([(GOOD, 1)]))[0]["kind"] == "uncertain"
+            assert sim.stats()["requests"] == asked and again.stats()["spent"] == pytest.approx(0.01)
+            await again.close()
+    asyncio.run(main())
+
+
+def test_rebuy_pays_again_and_counts_both_charges(tmp_path, monkeypatch):
+    async def main() -> None:
+        async with openai_rig(tmp_path, monkeypatch, {"stall_rate": 1.0, "stall_s": 1.0},
+                              on_uncertain="rebuy", max_attempts=1) as (sim, cfg, make):
+            gw = make()
+            first = (await gw.render_many([(GOOD, 1)]))[0]
+            assert "error" in first and first["kind"] == "transient"  # out of attempts, may be bought again
+            sim.knobs.stall_rate = 0.0
+            second = await gw.render(GOOD, 1)
+            st = gw.stats()
+            assert second["ref"] and st["rebought"] == 1
+            assert st["certain"] == pytest.approx(0.01) and st["uncertain"] == pytest.approx(0.01)
+            assert sim.counts(GOOD, 1)["charged"] == 2 and st["spent"] == pytest.approx(0.02)
+            await gw.close()
+    asyncio.run(main())
+
+
+def test_an_idempotent_server_is_asked_again_and_bills_once(tmp_path, monkeypatch):
+    async def main() -> None:
+        async with openai_rig(tmp_path, monkeypatch, {"stall_rate": 1.0, "stall_s": 1.0, "idempotency": True},
+                              idempotency=True) as (sim, cfg, make):
+            gw = make()
+            out = await gw.render(GOOD, 1)
+            st = gw.stats()
+            assert out["ref"] and sim.stats()["replayed"] >= 1 and sim.counts(GOOD, 1)["charged"] == 1
+            assert st["certain"] == pytest.approx(0.01) and st["uncertain"] == 0 and st["uncertain_now"] >= 1
+            await gw.close()
+    asyncio.run(main())
+
+
+def test_a_gateway_killed_mid_call_counts_that_call_uncertain(tmp_path, monkeypatch):
+    async def main() -> None:
+        async with openai_rig(tmp_path, monkeypatch, {"job_s": 0.4}, timeout_s=5) as (sim, cfg, make):
+            gw = make()
+            doomed = asyncio.ensure_future(gw.render(GOOD, 3))
+            await asyncio.sleep(0.15)  # the request is at the server now
+            for task in [doomed, *gw._inflight.values()]:  # the process dies: every task stops
+                task.cancel()
+            await gw.close()
+            again = make()
+            st = again.stats()
+            assert st["uncertain"] == pytest.approx(0.01) and st["uncertain_calls"] == 1
+            assert (await again.render_many([(GOOD, 3)]))[0]["kind"] == "uncertain"
+            await asyncio.sleep(0.4)
+            assert sim.counts(GOOD, 3)["charged"] == 1
+            await again.close()
+    asyncio.run(main())
+
+
+def test_the_budget_counts_uncertain_spend(tmp_path, monkeypatch):
+    async def main() -> None:
+        async with openai_rig(tmp_path, monkeypatch, {"stall_rate": 1.0, "stall_s": 1.0},
+                              budget=0.015) as (sim, cfg, make):
+            gw = make()
+            first, second = await gw.render_many([(GOOD, 1)]), await gw.render_many([(GOOD, 2)])
+            assert first[0]["kind"] == "uncertain" and second[0]["kind"] == "budget", second
+            assert "uncertain" in second[0]["error"] and sim.stats()["charged"] == 1
+            await gw.close()
+    asyncio.run(main())
