@@ -147,6 +147,9 @@ class TeacherGateway:
         self.max_attempts = max_attempts or self.cfg.max_attempts
         self.timeout_s = timeout_s or self.cfg.timeout_s
         self.idempotent = self.cfg.honours_idempotency
+        # A call of unknown outcome is asked again only where that cannot pay twice
+        # (an idempotent server) or where the teacher says so (on_uncertain: rebuy).
+        self.asks_unknown_again = self.idempotent or self.cfg.on_uncertain == "rebuy"
         self._backoff = wait_random_exponential(multiplier=backoff_base_s, max=backoff_max_s)
         # Read once, kept private: never logged, never part of a message or repr.
         self._api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
@@ -262,14 +265,14 @@ class TeacherGateway:
             # Paid before a restart, never collected: collect it now, free.
             self._counts["resumed_jobs"] += 1
             job = ImageJob.from_record(opened["job"])
-            return self._keep(prompt, seed, await self._collect(prompt, seed, job, opened), opened["id"])
+            return self._keep(prompt, seed, await self._collect(prompt, seed, job, opened), opened)
         unknown = next((c for c in reversed(earlier) if c["state"] == "uncertain"), None)
         if self._no_credits:
             raise TeacherGatewayError(self.name, prompt, seed, 0, None, self._no_credits, True, "credits")
+        if unknown is not None and not self.asks_unknown_again:
+            self._counts["skipped_uncertain"] += 1
+            raise TeacherGatewayError(self.name, prompt, seed, 0, None, _UNKNOWN_SKIPPED, True, "uncertain")
         if unknown is not None and not self.idempotent:
-            if self.cfg.on_uncertain == "skip":
-                self._counts["skipped_uncertain"] += 1
-                raise TeacherGatewayError(self.name, prompt, seed, 0, None, _UNKNOWN_SKIPPED, True, "uncertain")
             self._counts["rebought"] += 1
             unknown = None  # that charge stays counted; this is a new purchase
         # An idempotent server is asked again under the same key: it bills it at most once.
@@ -278,7 +281,8 @@ class TeacherGateway:
             # An image not in hand yet (a job to poll, a URL to fetch) is logged
             # before collecting: a restart then collects it instead of paying again.
             self._ledger.mark(call, "open", job=job.to_record())
-        return self._keep(prompt, seed, await self._collect(prompt, seed, job, self._ledger.call(call)), call)
+        row = self._ledger.call(call)
+        return self._keep(prompt, seed, await self._collect(prompt, seed, job, row), row)
 
     def _reserve(self, prompt: str, seed: int, call: dict[str, Any] | None) -> int:
         """The ledger row of the next paid call, written (as `sending`, counted as
@@ -323,7 +327,7 @@ class TeacherGateway:
         except TeacherHTTPError as exc:
             self._counts["errors"] += 1
             kind = _kind(exc)
-            if _is_uncertain(exc) and not self.idempotent and self.cfg.on_uncertain == "skip":
+            if _is_uncertain(exc) and not self.asks_unknown_again:
                 raise TeacherGatewayError(self.name, prompt, seed, attempts, exc.status,
                                           f"{exc}; {_UNKNOWN_SKIPPED}", True, "uncertain") from None
             if kind == "credits":
@@ -358,8 +362,7 @@ class TeacherGateway:
     def _retryable(self, exc: BaseException) -> bool:
         if not (isinstance(exc, TeacherHTTPError) and exc.retryable):
             return False
-        # An unknown outcome is asked again only where that cannot pay twice, or where the teacher says so.
-        return not _is_uncertain(exc) or self.idempotent or self.cfg.on_uncertain == "rebuy"
+        return not _is_uncertain(exc) or self.asks_unknown_again
 
     async def _collect(self, prompt: str, seed: int, job: ImageJob, call: dict[str, Any]) -> GeneratedImage:
         """Poll, download and check a paid job (free, repeatable). A job that can
@@ -380,12 +383,12 @@ class TeacherGateway:
                                       permanent=not exc.retryable, kind=exc.kind) from None
         return images[0]
 
-    def _keep(self, prompt: str, seed: int, image: GeneratedImage, call: int) -> dict[str, Any]:
+    def _keep(self, prompt: str, seed: int, image: GeneratedImage, call: dict[str, Any]) -> dict[str, Any]:
         # Store first, then ledger: a ledger entry always points at a stored image.
         png, native = _to_size(image.png, self.size)
         ref = self._store.put(png)
         entry = {"teacher": self.name, "prompt": prompt, "seed": seed, "size": self.size,
-                 "ref": ref, "price": self._ledger.call(call)["price"], "ts": time.time(), "call": call}
+                 "ref": ref, "price": call["price"], "ts": time.time(), "call": call["id"]}
         if image.flaws:
             entry["flaws"] = image.flaws
         if native != self.size:
