@@ -30,6 +30,7 @@ from evolve.config import EdgenServeConfig, RunConfig
 from evolve.dataset import Record, atomic_dir
 from evolve.images import to_png
 from evolve.parts import Parts
+from evolve.placement import Ask, check_placement
 from evolve.run_folder import RunFolder
 from evolve.world import World
 
@@ -41,9 +42,12 @@ def cluster_parts(cfg: RunConfig, folder: RunFolder, init: str | None, world: Wo
     """Start every part the loop needs (in the cluster `ray.init` joined); stop them on the way out."""
     from ray import serve
 
+    check_placement(asks(cfg), cluster_node_types())  # before anything starts or is bought
     closing: list = []
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
+        proxies = cfg.serve_proxies if cfg.serve_proxies != "auto" else (
+            "EveryNode" if cfg.judge.backend == "vllm" else "HeadOnly")
+        serve.start(proxy_location=proxies, http_options={"host": "127.0.0.1", "port": cfg.serve_port})
         teachers = RayTeachers(cfg, folder)
         closing.append(teachers)
         judge = RayJudge(cfg, folder)
@@ -61,6 +65,66 @@ def cluster_parts(cfg: RunConfig, folder: RunFolder, init: str | None, world: Wo
                 part.close()
             except Exception:  # noqa: BLE001 - best effort on the way out; the first error stands
                 log.exception("stopping %s", type(part).__name__)
+
+
+# --------------------------------------------------------------------------- placement
+
+SAMPLER_CPUS = 0.5   # on 2 CPUs the sampling task must fit beside the continuous trainer's workers
+HEAD = "node:__internal_head__"  # a resource Ray gives the head node alone
+
+
+def asks(cfg: RunConfig) -> list[Ask]:
+    """Every bundle the run's parts ask for, from its config."""
+    from serve.diffusers_teacher import DiffusersTeacherConfig
+    from serve.judge import JUDGE_REPLICA_CPUS, vllm_llm_config
+
+    tc, jc = cfg.train, cfg.judge
+    out = [Ask("train (the training workers: train.cpus_per_worker, use_gpu, worker_resources)",
+               {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if tc.use_gpu else {}), **tc.worker_resources},
+               tc.num_workers),
+           Ask("judge (its Serve replica: judge.resources)", {"CPU": JUDGE_REPLICA_CPUS, **jc.resources}),
+           Ask("sample (the student sampling task: sample.num_gpus, resources)",
+               {"CPU": SAMPLER_CPUS, **({"GPU": cfg.sample.num_gpus} if cfg.sample.num_gpus else {}),
+                **cfg.sample.resources})]
+    if jc.backend == "vllm":
+        pg = vllm_llm_config(jc).get("placement_group_config") or {"bundles": [{"GPU": 1.0}]}
+        out += [Ask("judge's vLLM engine (judge.llm placement_group_config, judge.resources)", dict(b))
+                for b in pg["bundles"]]
+    for t in cfg.teachers:
+        if t.kind == "diffusers":
+            p = DiffusersTeacherConfig.model_validate(t.pipeline)
+            out.append(Ask(f"teacher {t.name!r} (its diffusers pipeline's Serve replica: pipeline.num_cpus, "
+                           "num_gpus, resources)",
+                           {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}))
+    return out
+
+
+
+def cluster_node_types() -> dict[str, dict[str, float]]:
+    """The cluster's live nodes and, on a `ray up` cluster, the node types its
+    autoscaler can launch (`ray up` gives the head its config as
+    ~/ray_bootstrap_config.yaml: cluster.yaml's head start command)."""
+    import ray
+
+    types = {f"node {n['NodeManagerAddress']} {n['NodeID'][:8]}": dict(n["Resources"])
+             for n in ray.nodes() if n["Alive"]}
+    boot = Path.home() / "ray_bootstrap_config.yaml"
+    if boot.exists():
+        import yaml
+
+        for name, t in (yaml.safe_load(boot.read_text()).get("available_node_types") or {}).items():
+            if t.get("max_workers", 1) or name == "head":
+                types[f"node type {name}"] = {k: float(v) for k, v in (t.get("resources") or {}).items()}
+    return types
+
+
+def on_this_node():
+    """A scheduling strategy that keeps an actor on the caller's (the driver's)
+    node: where the ledger's writers are, and whose death ends the run anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 # --------------------------------------------------------------------------- teachers
@@ -83,7 +147,9 @@ class RayTeachers:
         self.host, self.apps = None, []
         urls: dict[str, str] = {}
         if embedded:
-            self.host = EmbeddedTeacherHost.options(name=f"teachers-http:{folder.root.name}").remote()
+            # Beside the gateways that buy from it: it listens on that node's loopback.
+            self.host = EmbeddedTeacherHost.options(name=f"teachers-http:{folder.root.name}",
+                                                    scheduling_strategy=on_this_node()).remote()
             urls = ray.get(self.host.start.remote(embedded, size))
         teachers = []
         for t in cfg.teachers:
@@ -148,9 +214,13 @@ class RayJudge:
             # talks to it over HTTP as to any OpenAI-compatible VLM.
             from serve.embedded_vlm import EmbeddedVLMHost
 
-            self.vlm_host = EmbeddedVLMHost.options(name=f"embedded-vlm:{folder.root.name}").remote()
+            # It listens on the loopback of the node it runs on: the head, and the
+            # judge's replica with it.
+            self.vlm_host = EmbeddedVLMHost.options(name=f"embedded-vlm:{folder.root.name}",
+                                                    resources={HEAD: 0.001}).remote()
             url = ray.get(self.vlm_host.start.remote(jc.templates.model_dump(), jc.embedded_vlm.model_dump()))
-            jc = jc.model_copy(update={"backend": "openai", "base_url": url, "model": "embedded-vlm"})
+            jc = jc.model_copy(update={"backend": "openai", "base_url": url, "model": "embedded-vlm",
+                                       "resources": {**jc.resources, HEAD: 0.001}})
         self.handle = deploy_judge(jc, cfg.serve_port)
 
     def ask(self, method: str, reqs: list, latencies: list[float] | None = None, retries: int = 5) -> list:
@@ -239,17 +309,21 @@ class RoundsTrainer:
 
     def __init__(self, cfg: RunConfig, folder: RunFolder, init: str | None, replay=None) -> None:
         self.cfg, self.folder, self.init, self.replay = cfg, folder, init, replay
-        self.records: dict[int, list[Record]] = {}
+        self.sizes: dict[int, int] = {}
 
     def publish(self, version: int, records: list[Record]) -> None:
-        self.records[version] = records
+        self.sizes[version] = len(records)
 
     def weights_after(self, version: int, steps: int, out: Path) -> dict:
         from evolve.student.data import version_dataset
         from evolve.student.train import fit_student
 
         start = str(self.folder.checkpoint(version - 1)) if version > 0 else self.init
-        fit_student(version_dataset(self.cfg, self.folder, self.records[version]), student_cfg=self.cfg.student,
+        # Ray Train deals the dataset out with streaming_split(equal=True), which
+        # leaves out the remainder: padded, as in streaming_shards.
+        pad = -self.sizes[version] % self.cfg.train.num_workers
+        fit_student(version_dataset(self.cfg, self.folder, version, self.sizes[version], pad),
+                    student_cfg=self.cfg.student,
                     train_cfg=self.cfg.train, steps=steps, storage_path=str(self.folder.train_storage),
                     name=f"round_{version:03d}", init_checkpoint=start, out_dir=str(out),
                     features=self.folder.features, replay=self.replay)
@@ -277,7 +351,7 @@ class ContinuousTrainer:
 
         self.cfg, self.folder, self.init, self.replay = cfg, folder, init, replay
         self.name = f"trainer-feed:{folder.root.name}"
-        self.feed = TrainerFeed.options(name=self.name).remote(
+        self.feed = TrainerFeed.options(name=self.name, scheduling_strategy=on_this_node()).remote(
             cfg.train.num_workers, cfg.train.steps_per_round if cfg.train.lockstep else None)
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -297,10 +371,11 @@ class ContinuousTrainer:
     def publish(self, version: int, records: list[Record]) -> None:
         import ray
 
-        from evolve.student.data import version_dataset
+        from evolve.student.data import streaming_shards
 
-        # split() hands out whole blocks: version_dataset makes at least one per worker.
-        shards = version_dataset(self.cfg, self.folder, records).split(self.cfg.train.num_workers, equal=False)
+        # Lazy: the workers' reads run the version's pipeline (records, images,
+        # features), streamed from the run folder; nothing is read here.
+        shards = streaming_shards(self.cfg, self.folder, version, len(records))
         ray.get(self.feed.publish.remote(version, shards))
         if self.thread is None:
             self.thread = threading.Thread(target=self._fit, name="continuous-trainer", daemon=True)
@@ -366,10 +441,8 @@ class RaySampler:
         import ray
 
         self.cfg = cfg
-        # Half a CPU: on 2 CPUs it must fit beside the continuous trainer's workers.
-        self.task = ray.remote(num_cpus=0.5)(_sample_pngs)
-        if cfg.sample.num_gpus:
-            self.task = self.task.options(num_gpus=cfg.sample.num_gpus)
+        self.task = ray.remote(num_cpus=SAMPLER_CPUS, num_gpus=cfg.sample.num_gpus,
+                               resources=dict(cfg.sample.resources))(_sample_pngs)
 
     def __call__(self, checkpoint: str | None, prompts: list[str], seeds: list[int]) -> list[bytes]:
         import ray

@@ -495,6 +495,8 @@ class SampleConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     num_gpus: float = Field(0.0, ge=0, description="the loop's student sampling (held-out scoring, judged "
                             "prompts) on a GPU: the Ray task's share of one")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources of the sampling "
+                                        "task, e.g. {sampling: 1} to land on cluster.yaml's sampling nodes")
 
 
 class JudgeTemplates(_Strict):
@@ -589,6 +591,9 @@ class JudgeConfig(_Strict):
     model: str | None = None
     api_key_env: str | None = Field(None, description="env var holding the endpoint's key; never a file")
     llm: dict | None = Field(None, description="backend vllm: ray.serve.llm LLMConfig fields")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources of each judge "
+                                        "replica and, backend vllm, of each vLLM engine's GPU bundle, e.g. "
+                                        "{judge: 1} to land on cluster.yaml's judge nodes")
     embedded_vlm: EmbeddedVLMConfig = EmbeddedVLMConfig()
     max_batch_size: int = Field(32, ge=1)
     batch_wait_s: float = Field(0.05, ge=0)
@@ -698,6 +703,9 @@ class RunConfig(_Strict):
     serve_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port, bound on 127.0.0.1")
     serve_edgen: bool = Field(False, description="serve the student at /edgen/v1 during the run, "
                               "switching to each new round's checkpoint")
+    serve_proxies: Literal["auto", "HeadOnly", "EveryNode"] = Field(
+        "auto", description="where Serve's HTTP proxies run (on loopback, at serve_port): auto = every node "
+        "when the judge reaches an in-cluster vLLM over HTTP from its own node, else the head only")
     init_checkpoint: Path | None = Field(None, description="student to start from; None = shipped base")
     from_scratch: bool = False
     # When to stop before `rounds` (checked after each round; the report is written every time).

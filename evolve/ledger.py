@@ -15,21 +15,49 @@ durable when it returns and never half-written, and several processes on one
 host may share the file. A crash loses at most the call in flight, whose row
 then shows `sending`. A new ledger imports, once, the JSON-lines ledger
 (`ledger.jsonl`, `ledger.jobs.jsonl`) that older versions kept in its folder.
+
+A mirror (`Ledger(path, mirror=...)`, a folder of an object store or of a
+shared mount) keeps the ledger on storage that outlives this host. SQLite
+cannot live on an object store (and SQLite advises against network
+filesystems), so the file stays on local disk and every write transaction,
+before it commits, PUTs one immutable journal object `journal/<epoch>/<seq>.json`
+holding the rows it changed as they are after it (the seq is counted in the
+file's meta in that same transaction). A change is thus on the mirror before
+its method returns; if the PUT fails the transaction rolls back and the method
+raises. A crash after the PUT and before the COMMIT leaves that entry on the
+mirror only: the next open of the file applies it (the change had been made
+as far as the caller's side goes), unless a later write took its seq first.
+`checkpoint()` uploads a consistent copy of the file (`snapshot.sqlite`,
+then `snapshot.json` naming its seq) and deletes the journal it covers. Opening
+a mirrored ledger whose file is missing or older than its mirror (a new head
+node, a resume elsewhere) restores the snapshot and replays the journal in
+one transaction. Replay writes each row whole and moves its weight in `totals`
+from the row's state before to its state after, so replaying an entry twice
+changes nothing. A file that has been mirrored remembers its mirror, so a
+process opening it without one (a gateway on the same host) journals too.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import re
 import sqlite3
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from evolve.storage import Storage
 
 log = logging.getLogger(__name__)
 _json_str = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
@@ -83,12 +111,37 @@ ON CONFLICT (teacher) DO UPDATE SET
     uncertain_calls = uncertain_calls + excluded.uncertain_calls
 """
 
+# -- the mirror ----------------------------------------------------------------
+_ROW = ("id", "khash", "teacher", "prompt", "seed", "size", "state", "price", "ref", "ts", "extra")
+_ROW_SELECT = f"SELECT {', '.join(_ROW)} FROM calls"
+_UPSERT = (f"INSERT INTO calls ({', '.join(_ROW)}) VALUES ({', '.join('?' * len(_ROW))}) "
+           f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _ROW[1:])}")
+_JOURNAL_FORMAT = "evolve-ledger-journal"
+_JOURNAL_ENTRY = re.compile(r"^(\d{16})/(\d{16})\.json$")   # <epoch>/<seq>.json below journal/
+# Temporary (this connection's own, not in the file) triggers note every row a
+# transaction changes, so whatever writes `calls` is journaled.
+_TRACK = """
+CREATE TEMP TABLE IF NOT EXISTS ledger_changed (id INTEGER PRIMARY KEY);
+CREATE TEMP TRIGGER IF NOT EXISTS ledger_changed_insert AFTER INSERT ON main.calls
+    BEGIN INSERT INTO ledger_changed (id) SELECT new.id WHERE NOT EXISTS (SELECT 1 FROM ledger_changed WHERE id = new.id); END;
+CREATE TEMP TRIGGER IF NOT EXISTS ledger_changed_update AFTER UPDATE ON main.calls
+    BEGIN INSERT INTO ledger_changed (id) SELECT new.id WHERE NOT EXISTS (SELECT 1 FROM ledger_changed WHERE id = new.id); END;
+CREATE TEMP TRIGGER IF NOT EXISTS ledger_changed_delete AFTER DELETE ON main.calls
+    BEGIN INSERT INTO ledger_changed (id) SELECT old.id WHERE NOT EXISTS (SELECT 1 FROM ledger_changed WHERE id = old.id); END;
+"""
+# (Not INSERT OR IGNORE: an outer statement's conflict clause overrides a trigger's.)
+# No write changes a row's id, so an update notes new.id only.
+
 _LEGACY_JOB_STATES = ("open", "closed", "failed", "refused")
 _LEGACY_JOB_FIELDS = ("teacher", "prompt", "seed", "size", "state", "price", "ts")
 
 
 class LedgerCorrupt(ValueError):
     """The file is not a ledger, or a legacy JSON-lines ledger has a bad line that is not its last."""
+
+
+class LedgerMirrorError(OSError):
+    """The mirror could not be written or read: the change was not made (rolled back)."""
 
 
 @dataclass(frozen=True)
@@ -161,11 +214,25 @@ def _entry_dict(row: tuple) -> dict[str, Any]:
 
 
 class Ledger:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, mirror: Storage | str | None = None) -> None:
+        """The ledger in the local SQLite file `path`. `mirror`: a folder (a
+        Storage, or a URI such as `s3://bucket/run/ledger`) where every change is
+        journaled before it returns, and from which a missing or older file is
+        restored; None: the mirror the file remembers, if any, else none."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._con = self._open()
+        self.mirror: Storage | None = None
+        self._mirror_id: str | None = None
+        try:
+            if mirror is None:
+                mirror = self._meta(self._con, "mirror")  # mirrored before: every writer journals
+            if mirror is not None:
+                self._attach(mirror)
+        except BaseException:
+            self._con.close()
+            raise
 
     # -- purchases -----------------------------------------------------------
     def lookup(self, teacher: str, prompt: str, seed: int, size: int) -> dict[str, Any] | None:
@@ -335,9 +402,266 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on this ledger's connection."""
+        """One write transaction on this ledger's connection; with a mirror, the
+        rows it changed are journaled on the mirror before it commits."""
         with self._lock, _transaction(self._con) as con:
             yield con
+            if self.mirror is not None:
+                self._journal(con)
+
+    # -- the mirror ------------------------------------------------------------
+    def checkpoint(self) -> int:
+        """Upload a consistent copy of the ledger to the mirror and delete the
+        journal it covers; returns the seq (the count of journaled changes) it
+        holds. Writers go on meanwhile (they wait only for a local copy)."""
+        if self.mirror is None:
+            raise ValueError(f"ledger {self.path} has no mirror")
+        with self._mirror_lock():
+            return self._checkpoint()
+
+    @property
+    def mirror_seq(self) -> int:
+        """The seq of the last journaled change this file holds (0 without a mirror)."""
+        with self._lock:
+            return int(self._meta(self._con, "mirror_seq") or 0)
+
+    @staticmethod
+    def _meta(con: sqlite3.Connection, key: str) -> str | None:
+        row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _set_meta(con: sqlite3.Connection, key: str, value: Any) -> None:
+        con.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, str(value)))
+
+    def _journal(self, con: sqlite3.Connection) -> None:
+        """Inside the write transaction, before COMMIT: PUT the changed rows as one
+        journal object. A failed PUT raises, and the transaction rolls back."""
+        ids = [r[0] for r in con.execute("SELECT id FROM temp.ledger_changed ORDER BY id")]
+        if not ids:
+            return
+        rows = {r[0]: r for r in con.execute(f"{_ROW_SELECT} WHERE id IN (SELECT id FROM temp.ledger_changed)")}
+        con.execute("DELETE FROM temp.ledger_changed")
+        seq = int(self._meta(con, "mirror_seq") or 0) + 1
+        epoch = int(self._meta(con, "mirror_epoch") or 0)
+        self._set_meta(con, "mirror_seq", seq)
+        body = {"format": _JOURNAL_FORMAT, "id": self._mirror_id, "seq": seq, "ts": time.time(),
+                "calls": [list(rows[i]) for i in ids if i in rows], "deleted": [i for i in ids if i not in rows]}
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            self.mirror.write_atomic(_journal_name(epoch, seq), data)
+        except OSError as exc:
+            raise LedgerMirrorError(f"ledger {self.path}: change not made, its journal entry {seq} could not be "
+                                    f"written to {self.mirror.uri()}: {exc}") from None
+
+    @contextmanager
+    def _mirror_lock(self) -> Iterator[None]:
+        """This host's lock on restoring and checkpointing this file (all its writers share the host)."""
+        with open(self.path.with_name(self.path.name + ".mirror-lock"), "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _attach(self, mirror: Storage | str) -> None:
+        from evolve.storage import Storage
+
+        storage = Storage.at(mirror)
+        self.mirror = None  # nothing is journaled until the file and the mirror agree
+        with self._mirror_lock():
+            seed = self._sync(storage)
+            with self._lock, _transaction(self._con) as con:
+                if self._meta(con, "mirror") != storage.uri():
+                    self._set_meta(con, "mirror", storage.uri())
+                self._mirror_id = self._meta(con, "mirror_id")
+            for stmt in _TRACK.split(";\n"):
+                if stmt.strip():
+                    self._con.execute(stmt)
+            self.mirror = storage
+            if seed:  # a new mirror (or an emptied or lagging one): a snapshot of this file
+                self._checkpoint()
+
+    def _remote_snapshot(self, storage: Storage) -> dict[str, Any] | None:
+        try:
+            info = json.loads(storage.read("snapshot.json"))
+        except FileNotFoundError:
+            return None
+        if info.get("format") != _FORMAT or "id" not in info:
+            raise LedgerCorrupt(f"{storage.uri('snapshot.json')} is not a ledger snapshot's description")
+        return info
+
+    @staticmethod
+    def _remote_journal(storage: Storage) -> dict[int, str]:
+        """seq -> journal object; a seq written twice (a crash between PUT and COMMIT,
+        then the same seq again later) is the one of the newest epoch."""
+        out: dict[int, tuple[int, str]] = {}
+        for rel in storage.walk("journal"):
+            m = _JOURNAL_ENTRY.match(rel)
+            if m:
+                epoch, seq = int(m.group(1)), int(m.group(2))
+                if seq not in out or out[seq][0] < epoch:
+                    out[seq] = (epoch, f"journal/{rel}")
+        return {seq: name for seq, (_, name) in sorted(out.items())}
+
+    def _sync(self, storage: Storage) -> bool:
+        """Bring the local file up to the mirror (under the host's mirror lock).
+        True if the mirror then needs a snapshot of the file (it has none, or is behind)."""
+        where = storage.uri()
+        for _attempt in range(5):
+            info = self._remote_snapshot(storage)
+            journal = self._remote_journal(storage)
+            with self._lock:
+                local_id = self._meta(self._con, "mirror_id")
+                local_seq = int(self._meta(self._con, "mirror_seq") or 0)
+                has_rows = self._con.execute("SELECT 1 FROM calls LIMIT 1").fetchone() is not None
+            if info is None:
+                if journal:
+                    raise LedgerCorrupt(f"ledger mirror {where} has a journal but no snapshot.json")
+                with self._lock, _transaction(self._con) as con:
+                    if local_id is None:
+                        self._set_meta(con, "mirror_id", uuid.uuid4().hex)
+                        self._set_meta(con, "mirror_seq", local_seq)
+                    else:
+                        log.warning("ledger %s: its mirror %s is empty; seeding it with this file", self.path, where)
+                return True
+            remote_id, snap_seq = info["id"], int(info["seq"])
+            head = max([snap_seq, *journal])
+            if local_id is None and has_rows:
+                raise LedgerCorrupt(f"ledger {self.path} holds calls but was never mirrored, and {where} holds "
+                                    f"another ledger: refusing to replace one with the other")
+            if local_id is not None and local_id != remote_id:
+                raise LedgerCorrupt(f"ledger {self.path} is mirrored to another mirror than {where} "
+                                    f"(ids {local_id} and {remote_id})")
+            if local_id is not None and local_seq >= head:
+                if local_seq > head:
+                    log.warning("ledger %s: its mirror %s is behind it (seq %d < %d); a checkpoint catches it up",
+                                self.path, where, head, local_seq)
+                return local_seq > head
+            full = local_id is None or local_seq < snap_seq
+            base = None
+            try:
+                if full:
+                    base = self._download_snapshot(storage, remote_id)
+                    start = base[1]
+                else:
+                    start = local_seq
+                todo = [s for s in journal if s > start]
+                if todo != list(range(start + 1, start + 1 + len(todo))):
+                    continue  # a checkpoint moved on meanwhile: read the mirror again
+                entries = []
+                for seq in todo:
+                    body = json.loads(storage.read(journal[seq]))
+                    if body.get("format") != _JOURNAL_FORMAT or body.get("id") != remote_id or body.get("seq") != seq:
+                        raise LedgerCorrupt(f"{storage.uri(journal[seq])} is not entry {seq} of this ledger's journal")
+                    entries.append(body)
+                if not self._restore(base[0] if base else None, entries, start, remote_id):
+                    continue  # another process on this host wrote meanwhile: look again
+            finally:
+                if base is not None:
+                    _remove_db(base[0])
+            log.info("ledger %s: %s from %s up to seq %d (%d journal entries)", self.path,
+                     "restored" if full else "caught up", where, start + len(entries), len(entries))
+            return False
+        raise LedgerMirrorError(f"ledger mirror {where}: its journal does not follow on from its snapshot "
+                                f"(checked 5 times)")
+
+    def _download_snapshot(self, storage: Storage, remote_id: str) -> tuple[Path, int]:
+        """The mirror's snapshot as a temporary local file, and the seq it holds."""
+        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.restore-", suffix=".sqlite")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(storage.read("snapshot.sqlite"))
+            con = sqlite3.connect(tmp)
+            try:
+                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            except sqlite3.DatabaseError as exc:
+                raise LedgerCorrupt(f"{storage.uri('snapshot.sqlite')} is not a ledger database ({exc})") from None
+            finally:
+                con.close()
+            if meta.get("format") != _FORMAT or meta.get("mirror_id") != remote_id:
+                raise LedgerCorrupt(f"{storage.uri('snapshot.sqlite')} is not this mirror's ledger snapshot")
+            if int(meta.get("schema", 0)) > _SCHEMA_VERSION:
+                raise LedgerCorrupt(f"{storage.uri('snapshot.sqlite')}: ledger schema {meta['schema']} is newer "
+                                    f"than this code's ({_SCHEMA_VERSION})")
+            return tmp, int(meta.get("mirror_seq", 0))
+        except BaseException:
+            _remove_db(tmp)
+            raise
+
+    def _restore(self, snapshot: Path | None, entries: list[dict[str, Any]], start: int, mirror_id: str) -> bool:
+        """In one transaction: the snapshot's rows (if given) in place of this file's,
+        then the journal entries after it, in order. False (nothing done) if,
+        without a snapshot, the file is no longer at seq `start`."""
+        con = self._con
+        with self._lock:
+            if snapshot is not None:
+                con.execute("ATTACH DATABASE ? AS snap", (str(snapshot),))
+            try:
+                with _transaction(con):
+                    if snapshot is not None:
+                        cols = ", ".join(_ROW)
+                        con.execute("DELETE FROM main.calls")
+                        con.execute(f"INSERT INTO main.calls ({cols}) SELECT {cols} FROM snap.calls")
+                        tcols = "teacher, images, certain, uncertain, uncertain_calls"
+                        con.execute("DELETE FROM main.totals")
+                        con.execute(f"INSERT INTO main.totals ({tcols}) SELECT {tcols} FROM snap.totals")
+                        con.execute("INSERT OR REPLACE INTO main.meta (key, value) SELECT key, value FROM snap.meta "
+                                    "WHERE key NOT IN ('mirror', 'mirror_epoch')")
+                    elif int(self._meta(con, "mirror_seq") or 0) != start:
+                        return False
+                    for body in entries:
+                        _replay(con, body)
+                    seq = start + len(entries)
+                    self._set_meta(con, "mirror_id", mirror_id)
+                    self._set_meta(con, "mirror_seq", seq)
+                    # New entries are filed under an epoch no older than what this file
+                    # holds, so no cleanup of an earlier checkpoint can delete them.
+                    self._set_meta(con, "mirror_epoch", max(seq, int(self._meta(con, "mirror_epoch") or 0)))
+            finally:
+                if snapshot is not None:
+                    con.execute("DETACH DATABASE snap")
+        return True
+
+    def _checkpoint(self) -> int:
+        """checkpoint(), under the host's mirror lock."""
+        storage = self.mirror
+        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.snapshot-", suffix=".sqlite")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            # Under the write lock (a local copy: milliseconds), so the copy holds exactly
+            # the changes up to `seq`, and every later change is filed under epoch `seq`.
+            with self._lock, _transaction(self._con) as con:
+                seq = int(self._meta(con, "mirror_seq") or 0)
+                src, dst = sqlite3.connect(self.path), sqlite3.connect(tmp)
+                try:
+                    src.backup(dst)
+                    dst.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    src.close()
+                    dst.close()
+                self._set_meta(con, "mirror_epoch", seq)
+            data = tmp.read_bytes()
+        finally:
+            _remove_db(tmp)
+        info = self._remote_snapshot(storage)
+        if info is not None and info["id"] == self._mirror_id and int(info["seq"]) > seq:
+            return int(info["seq"])  # a newer one is there already
+        try:
+            storage.write_atomic("snapshot.sqlite", data)
+            storage.write_atomic("snapshot.json", json.dumps(
+                {"format": _FORMAT, "id": self._mirror_id, "seq": seq, "ts": time.time(), "bytes": len(data)},
+                indent=1).encode())
+        except OSError as exc:
+            raise LedgerMirrorError(f"ledger {self.path}: checkpoint to {storage.uri()} failed: {exc}") from None
+        # Every entry up to `seq` is in an epoch below `seq`; later ones are in epoch `seq` or above.
+        for folder in storage.list("journal"):
+            if folder.isdigit() and int(folder) < seq:
+                storage.delete_dir(f"journal/{folder}")
+        return seq
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -471,6 +795,43 @@ class Ledger:
         log.info("ledger %s: imported %d purchases from %s and %d open/failed/refused jobs from %s "
                  "(%d open jobs skipped: bought afterwards)",
                  self.path, n_bought, ledger_path.name, n_jobs, jobs_path.name, n_superseded)
+
+
+def _journal_name(epoch: int, seq: int) -> str:
+    return f"journal/{epoch:016d}/{seq:016d}.json"
+
+
+def _replay(con: sqlite3.Connection, body: dict[str, Any]) -> None:
+    """One journal entry: each row written whole, its weight in `totals` moved from
+    its state before to its state after, so replaying an entry twice changes nothing."""
+    for row in body["calls"]:
+        row = tuple(row)
+        old = con.execute("SELECT teacher, state, price FROM calls WHERE id = ?", (row[0],)).fetchone()
+        con.execute(_UPSERT, row)
+        _move(con, old, (row[2], row[6], row[7]))
+    for call in body.get("deleted", ()):
+        old = con.execute("SELECT teacher, state, price FROM calls WHERE id = ?", (call,)).fetchone()
+        con.execute("DELETE FROM calls WHERE id = ?", (call,))
+        _move(con, old, None)
+
+
+def _move(con: sqlite3.Connection, old: tuple | None, new: tuple | None) -> None:
+    """A row's weight in `totals`, from (teacher, state, price) `old` to `new` (None: no row)."""
+    zero = (0, 0.0, 0.0, 0)
+    before = _weight(old[1], old[2]) if old else zero
+    after = _weight(new[1], new[2]) if new else zero
+    if old and new and old[0] == new[0]:
+        con.execute(_BUMP, (new[0], *(a - b for a, b in zip(after, before))))
+        return
+    if old:
+        con.execute(_BUMP, (old[0], *(-b for b in before)))
+    if new:
+        con.execute(_BUMP, (new[0], *after))
+
+
+def _remove_db(path: Path) -> None:
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        p.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -70,7 +70,7 @@ class RunFolder:
         self.make()
         if self.config.exists():
             old = RunConfig.load(self.config)
-            free = {"run_dir", "rounds", "serve_port", "serve_edgen", "max_wall_s", "target_heldout",
+            free = {"run_dir", "rounds", "serve_port", "serve_proxies", "serve_edgen", "max_wall_s", "target_heldout",
                     "stop_when_spent"}
             mine, theirs = cfg.model_dump(exclude=free), old.model_dump(exclude=free)
             if mine != theirs:

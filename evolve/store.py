@@ -10,56 +10,72 @@ either the whole image or none, even after a crash.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING
+
+from evolve.storage import _fsync_dir, write_atomic  # noqa: F401 - write_atomic: this module's API too
+
+if TYPE_CHECKING:
+    from evolve.storage import Storage
 
 _REF = re.compile(r"^[0-9a-f]{64}$")
 
 
-def write_atomic(path: Path | str, data: bytes | Callable[[BinaryIO], None]) -> Path:
-    """Write `data` (bytes, or a function writing to a binary file) to `path` so
-    that a reader, or a rerun after a crash, sees the whole file or none: a temp
-    file beside it, fsynced, renamed into place. Readable like any other file
-    (mkstemp's 0600 would hide it from other users)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data) if isinstance(data, (bytes, bytearray)) else data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 class ImageStore:
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    """Images by ref under `root`: a local folder (a path; a shared mount is one),
+    or a folder of an object store (an `s3://` URI or a `Storage`). The layout
+    is the same in both; on an object store an image is one PUT (atomic: a
+    reader sees all of it or nothing) and `uri(ref)` names it, as `path(ref)`
+    does locally."""
+
+    def __init__(self, root: Path | str | Storage) -> None:
+        from evolve.storage import open_root
+
+        self.storage, self.root, self._local = open_root(root)
+
+    @property
+    def is_local(self) -> bool:
+        return self._local
 
     @staticmethod
     def ref_of(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
 
-    def path(self, ref: str) -> Path:
+    @staticmethod
+    def rel(ref: str) -> str:
+        """A ref's place below the store's root, `ab/<ref>.png`."""
         # Refs become paths: refuse anything that is not a digest (no "../").
         if not _REF.match(ref):
             raise ValueError(f"not an image ref (64 lower-case hex digits): {ref!r}")
-        return self.root / ref[:2] / f"{ref}.png"
+        return f"{ref[:2]}/{ref}.png"
+
+    def path(self, ref: str) -> Path:
+        rel = self.rel(ref)
+        if not self._local:
+            from evolve.storage import NotLocal
+
+            raise NotLocal(f"the image store at {self.root} is on an object store: image {ref} has no "
+                           f"local path; use get(ref) for its bytes or uri(ref) to name it")
+        return self.root / rel
+
+    def uri(self, ref: str) -> str:
+        """Where image `ref` is (or would be), as `Storage.at` opens it on any node:
+        an absolute path locally, `s3://bucket/.../ab/<ref>.png` on an object store."""
+        return self.storage.uri(self.rel(ref))
 
     def has(self, ref: str) -> bool:
-        return self.path(ref).is_file()
+        if self._local:
+            return self.path(ref).is_file()
+        return self.storage.exists(self.rel(ref))
 
     def put(self, data: bytes) -> str:
         ref = self.ref_of(data)
+        if not self._local:
+            rel = self.rel(ref)
+            if not self.storage.exists(rel):  # a ref names its bytes: a racing PUT writes the same
+                self.storage.write_atomic(rel, data)
+            return ref
         final = self.path(ref)
         if final.is_file():
             return ref
@@ -68,21 +84,12 @@ class ImageStore:
         return ref
 
     def get(self, ref: str) -> bytes:
+        if not self._local:
+            try:
+                return self.storage.read(self.rel(ref))
+            except FileNotFoundError:
+                raise KeyError(f"image {ref} is not in the store at {self.root}") from None
         try:
             return self.path(ref).read_bytes()
         except FileNotFoundError:
             raise KeyError(f"image {ref} is not in the store at {self.root}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; best effort where directories can't be opened.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -99,6 +99,8 @@ class DiffusersTeacherConfig(_Strict):
                         description="auto: cuda if available, else cpu")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per replica (0 on a CPU-only cluster)")
     num_cpus: float = Field(1.0, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources per replica, e.g. "
+                                        "{teachers: 1} to land on cluster.yaml's teacher nodes")
     num_replicas: int | Literal["auto"] = Field(1, description="'auto' or autoscaling_config: autoscale")
     autoscaling_config: dict | None = Field(None, description="Serve autoscaling (min/max_replicas, ...)")
     max_batch_size: int = Field(4, ge=1, description="@serve.batch: most images drawn together")
@@ -384,7 +386,7 @@ def build_diffusers_teacher_app(cfg: DiffusersTeacherConfig):
     # Resolved here: a missing local folder fails now, not in a replica.
     source, _ = pipeline_source(cfg.pipeline)
     cfg = cfg.model_copy(update={"pipeline": source})
-    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "resources": dict(cfg.resources)}
     if cfg.runtime_env:
         actor["runtime_env"] = cfg.runtime_env
     options: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": max(64, 4 * cfg.max_batch_size)}

@@ -55,7 +55,10 @@ from serve.judge_backends import make_backend
 MIN_ONGOING_REQUESTS = 64
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=MIN_ONGOING_REQUESTS)
+JUDGE_REPLICA_CPUS = 0.1  # it waits on the VLM (or parses a 32x32 scene): a sliver
+
+
+@serve.deployment(ray_actor_options={"num_cpus": JUDGE_REPLICA_CPUS}, max_ongoing_requests=MIN_ONGOING_REQUESTS)
 class Judge:
     def __init__(self, cfg: JudgeConfig) -> None:
         self.cfg = cfg
@@ -221,6 +224,7 @@ def build_judge_app(cfg: JudgeConfig | dict[str, Any]) -> serve.Application:
     cfg = JudgeConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
     make_backend(cfg)  # fail here, in the driver, on a backend that cannot be built
     return Judge.options(
+        ray_actor_options={"num_cpus": JUDGE_REPLICA_CPUS, "resources": dict(cfg.resources)},
         max_ongoing_requests=max(MIN_ONGOING_REQUESTS, 2 * cfg.max_batch_size),
     ).bind(cfg)
 
@@ -241,7 +245,17 @@ def build_vlm_app(cfg: JudgeConfig) -> serve.Application:
     except ImportError as e:
         raise ImportError(f"judge backend 'vllm' needs vLLM where the judge runs "
                           f"(pip install 'ray[llm]'): {e}") from e
-    return build_openai_app({"llm_configs": [LLMConfig(**cfg.llm)]})
+    return build_openai_app({"llm_configs": [LLMConfig(**vllm_llm_config(cfg))]})
+
+
+def vllm_llm_config(cfg: JudgeConfig) -> dict[str, Any]:
+    """`cfg.llm` with the judge's `resources` in each engine GPU's bundle (one
+    per tensor-parallel rank, on one node) unless it places itself."""
+    llm = dict(cfg.llm or {})
+    if cfg.resources and "placement_group_config" not in llm:
+        tp = int((llm.get("engine_kwargs") or {}).get("tensor_parallel_size", 1))
+        llm["placement_group_config"] = {"bundles": [{"GPU": 1, **cfg.resources}] * tp, "strategy": "STRICT_PACK"}
+    return llm
 
 
 def vlm_client_config(cfg: JudgeConfig, serve_port: int) -> JudgeConfig:

@@ -238,7 +238,7 @@ def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
     then the same Ray Train run resumed from its checkpoint."""
     from evolve.cluster import RoundsTrainer
     from evolve.config import RunConfig
-    from evolve.dataset import Record
+    from evolve.dataset import DatasetVersions, Record
     from evolve.run_folder import RunFolder
     from evolve.shapes.render import render, to_png
     from evolve.student.data import version_dataset
@@ -252,6 +252,7 @@ def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
     records = [Record(id=f"r{i}", prompt=p, category="c", teacher="t", seed=i, round_added=0, parent_id=None,
                       op="seed", image_ref=images.put(to_png(render(p, i, 32))))
                for i, p in enumerate(PROMPTS * 4)]
+    DatasetVersions(folder.datasets).write(0, records)  # the trainer reads the version from the run folder
     scfg = StudentConfig(**TINY["unet"], prediction_type="sample")
     tcfg = TrainConfig(num_workers=2, cpus_per_worker=0.5, batch_size=8, report_every=1, steps_per_round=2)
     cfg = RunConfig(run_dir=folder.root, student=scfg, train=tcfg)
@@ -260,7 +261,7 @@ def test_fit_student_two_workers_and_resume(ray_local, tmp_path):
     out = folder.checkpoint(0)
     assert trainer.weights_after(0, tcfg.steps_per_round, out) == {"step": 2}
     kw = dict(student_cfg=scfg, train_cfg=tcfg, storage_path=folder.train_storage, name="round_000")
-    ds = version_dataset(cfg, folder, records)
+    ds = version_dataset(cfg, folder, 0, len(records))
     state = json.loads((out / "state.json").read_text())
     assert state["step"] == 2 and state["total_steps"] == 2
     assert Student.from_pretrained(out).config == scfg

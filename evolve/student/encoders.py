@@ -447,7 +447,7 @@ def precompute_features(ds, store_root: str, images_root: str, cfg: EncoderConfi
     num_gpus=1; default: cfg.num_gpus). Each also makes sure the null caption
     ("") is in the store. Rows are encoded cfg.batch_size at a time, or a
     block at a time with `whole_blocks` (the output then keeps the input's
-    blocks, which `Dataset.split` hands out whole). The default quarter CPU matches version_dataset: on a small
+    blocks, which `Dataset.split` hands out whole). The default quarter CPU matches evolve.student.data's: on a small
     machine a 1-CPU actor could wait forever behind the trainers."""
     from ray.data import ActorPoolStrategy
 
@@ -478,20 +478,26 @@ def load_features(batch: dict[str, np.ndarray], store_root: str) -> dict[str, np
 
 def latent_dataset(rows: list[dict], store_root: str, images_root: str, cfg: EncoderConfig,
                    min_blocks: int = 1, num_cpus: float = 0.25, in_memory: bool = True):
-    """Rows {"prompt", "image_ref"} -> a Ray Dataset of what a LatentStudent
-    trains on: {"prompt", "latent", "caption", "caption_mask"}; missing
-    features are encoded first (precompute_features), the rest read from the
-    store. With `in_memory` off, the rows stay {"prompt", "image_ref",
-    "bucket"} (their features encoded, not read): the trainer reads each batch's from the
-    store, and neither the object store nor a worker holds them all. Blocks
-    of about cfg.batch_size rows (one encoder batch each), at least
-    `min_blocks` of them (one per training worker: `split` deals out whole
-    blocks, and a repartition would need a whole free CPU)."""
+    """`latent_rows` of rows {"prompt", "image_ref"} held in memory, in blocks
+    of about cfg.batch_size rows (one encoder batch each), at least `min_blocks`."""
     import ray
 
     blocks = max(min_blocks, math.ceil(len(rows) / cfg.batch_size), 1)
     ds = ray.data.from_items(rows, override_num_blocks=min(blocks, max(len(rows), 1)))
-    ds = precompute_features(ds, store_root, images_root, cfg, num_cpus=num_cpus, whole_blocks=True)
+    return latent_rows(ds, store_root, images_root, cfg, num_cpus=num_cpus, in_memory=in_memory)
+
+
+def latent_rows(ds, store_root: str, images_root: str, cfg: EncoderConfig, num_cpus: float = 0.25,
+                in_memory: bool = True):
+    """A Ray Dataset of rows {"prompt", "image_ref"} -> what a LatentStudent
+    trains on: {"prompt", "latent", "caption", "caption_mask"}; missing
+    features are encoded first (precompute_features), the rest read from the
+    store. With `in_memory` off, the rows stay {"prompt", "image_ref",
+    "bucket"} (their features encoded, not read): the trainer reads each
+    batch's from the store, and neither the object store nor a worker holds
+    them all. Encoded cfg.batch_size rows at a time (a Parquet block can be a
+    whole version)."""
+    ds = precompute_features(ds, store_root, images_root, cfg, num_cpus=num_cpus)
     if not in_memory:
         return ds.select_columns(["prompt", "image_ref", "bucket"], num_cpus=num_cpus)
     return ds.map_batches(load_features, fn_kwargs={"store_root": str(store_root)}, batch_format="numpy",
