@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from evolve.storage import fsync_path
 from evolve.world import UNKNOWN
 
 if TYPE_CHECKING:
@@ -176,9 +177,9 @@ class DatasetVersions:
             manifest = _manifest(version, records, meta)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             for f in tmp.iterdir():
-                _fsync(f)
+                fsync_path(f)
             os.rename(tmp, final)  # atomic on one filesystem
-            _fsync(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -241,15 +242,6 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return dict(sorted(out.items()))
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a folder (a folder's entry list, after a rename)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

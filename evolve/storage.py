@@ -236,7 +236,7 @@ class Storage:
                 shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
                 (tmp / COMMITTED).write_bytes(marker)
                 for p in [*tmp.rglob("*"), tmp]:
-                    _fsync_path(p)
+                    fsync_path(p)
                 old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
                 if final.exists():
                     os.rename(final, old)  # no reader sees a mix: old whole, then new whole
@@ -334,7 +334,8 @@ def _check_rel(rel: str) -> str:
     return rel
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list, after a rename)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -345,7 +346,7 @@ def _fsync_path(path: Path) -> None:
 def _fsync_dir(path: Path) -> None:
     """Makes a rename durable; best effort where folders can't be opened."""
     try:
-        _fsync_path(path)
+        fsync_path(path)
     except OSError:
         pass
 
