@@ -121,7 +121,7 @@ def run_arm(out: Path, base: RunConfig, arm: str, budget: int, seed: int, port: 
             path.write_text(json.dumps(result, indent=2))
         return result
     cfg = arm_config(base, arm, budget, seed).model_copy(
-        update={"run_dir": out / "runs" / name, "serve_port": port})
+        update={"run_dir": str(out / "runs" / name), "serve_port": port})
     t0 = time.time()
     report = main(cfg, build_parts or cluster_parts, progress=lambda msg: print(f"[{name}] {msg}", flush=True))
     student = report["student"]

@@ -47,17 +47,33 @@ def _load_config(config: Optional[Path], **overrides):
         _fail(f"bad configuration: {e}")
 
 
+def _resumed_config(run_dir: str) -> Path:
+    """The config.json of the run in `run_dir` (on an object store: this node's copy of it)."""
+    from evolve.run_folder import RunFolder
+
+    try:
+        folder = RunFolder(run_dir)
+        folder.pull_state()
+    except (ValueError, OSError) as e:
+        _fail(f"--resume {run_dir}: {e}")
+    if not folder.config.exists():
+        _fail(f"--resume {run_dir}: no run there (no config.json)")
+    return folder.config
+
+
 @app.command()
 def run(
     config: Optional[Path] = typer.Option(None, help="YAML or JSON RunConfig; defaults otherwise"),
-    run_dir: Optional[Path] = typer.Option(None, help="run folder (resumes if it holds this run)"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder with its own "
-                                          "config.json (give --rounds to run more rounds)"),
+    # str, not Path: a run folder may be s3://bucket/prefix (Path would fold the "//").
+    run_dir: Optional[str] = typer.Option(None, help="run folder, a path or s3://bucket/prefix (resumes if it "
+                                          "holds this run)"),
+    resume: Optional[str] = typer.Option(None, help="continue the run in this folder (a path or s3://...) "
+                                         "with its own config.json (give --rounds to run more rounds)"),
     rounds: Optional[int] = typer.Option(None, min=1),
     max_wall_s: Optional[float] = typer.Option(None, help="stop after the round that ends past this many seconds"),
     target_heldout: Optional[float] = typer.Option(None, help="stop once held-out accuracy reaches this (0-1)"),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="start from random weights, not the shipped base"),
-    init_checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint to start from"),
+    init_checkpoint: Optional[str] = typer.Option(None, help="student checkpoint to start from (a folder or s3://...)"),
     serve_port: Optional[int] = typer.Option(None, help="Serve HTTP port on 127.0.0.1"),
     serve_edgen: bool = typer.Option(False, "--serve-edgen",
                                      help="serve the student at http://127.0.0.1:PORT/edgen/v1 during the run"),
@@ -81,9 +97,7 @@ def run(
     if resume is not None:
         if config is not None or run_dir is not None:
             _fail("--resume takes the run's own config.json and folder: drop --config and --run-dir")
-        config, run_dir = resume / "config.json", resume
-        if not config.exists():
-            _fail(f"--resume {resume}: no run there (no config.json)")
+        config, run_dir = _resumed_config(resume), resume
     cfg = _load_config(config, run_dir=run_dir, rounds=rounds, init_checkpoint=init_checkpoint,
                        serve_port=serve_port, from_scratch=from_scratch or None,
                        serve_edgen=serve_edgen or None, max_wall_s=max_wall_s, target_heldout=target_heldout)
@@ -107,7 +121,7 @@ def run(
                 said = progress.log_handler()
                 if not verbose:  # the run's own warnings stay on the terminal (and in the log)
                     logging.getLogger("evolve").addHandler(said)
-                progress.say(f"run folder: {folder.root}" + (f"  (Ray's output: {logs.path})" if logs.path else ""))
+                progress.say(f"run folder: {folder}" + (f"  (Ray's output: {logs.path})" if logs.path else ""))
                 try:
                     with progress.phase("starting Ray"):
                         connect()
@@ -344,7 +358,8 @@ def import_pixart(
 
 @app.command("serve")
 def serve_edgen(
-    checkpoint: Optional[Path] = typer.Option(None, help="student checkpoint folder (default: shipped base)"),
+    checkpoint: Optional[str] = typer.Option(None, help="student checkpoint folder, a path or the s3:// URI of a "
+                                             "run's checkpoint (default: shipped base)"),
     port: int = typer.Option(8000, help="HTTP port on 127.0.0.1"),
     config: Optional[Path] = typer.Option(None, help="YAML or JSON EdgenServeConfig"),
     api_key_env: Optional[str] = typer.Option(None, help="env var with the bearer token clients must send"),

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
 
 from evolve.config import EdgenServeConfig, RunConfig
-from evolve.dataset import Record, atomic_dir
+from evolve.dataset import Record
 from evolve.images import to_png
 from evolve.parts import Parts
 from evolve.placement import Ask, check_placement
 from evolve.run_folder import RunFolder
+from evolve.storage import copy_folder
 from evolve.world import World
 
 log = logging.getLogger("evolve")
@@ -318,7 +318,7 @@ class RoundsTrainer:
         from evolve.student.data import version_dataset
         from evolve.student.train import fit_student
 
-        start = str(self.folder.checkpoint(version - 1)) if version > 0 else self.init
+        start = self.folder.checkpoint_ref(version - 1) if version > 0 else self.init
         # Ray Train deals the dataset out with streaming_split(equal=True), which
         # leaves out the remainder: padded, as in streaming_shards.
         pad = -self.sizes[version] % self.cfg.train.num_workers
@@ -391,8 +391,7 @@ class ContinuousTrainer:
             if self.error is not None or (self.thread is not None and not self.thread.is_alive()):
                 raise RuntimeError(f"the training run stopped: {self.error!r}") from self.error
         snap = ray.get(ref)
-        with atomic_dir(out) as tmp:
-            shutil.copytree(snap["path"], tmp)
+        copy_folder(snap["path"], out)  # a path, or a URI on the run's object store
         return snap
 
     def status(self) -> dict:
@@ -461,7 +460,7 @@ class EdgenDuringRun:
 
         from serve.edgen import build_edgen_app
 
-        ecfg = EdgenServeConfig(checkpoint=init, watch_dir=folder.checkpoints, num_cpus=0.1,
+        ecfg = EdgenServeConfig(checkpoint=init, watch_dir=str(folder.shared_checkpoints), num_cpus=0.1,
                                 grammar_check=cfg.world.kind == "shapes")
         serve.run(build_edgen_app(ecfg), name="edgen", route_prefix="/edgen")
 

@@ -8,11 +8,18 @@ finishes in under 10 minutes on a 2-core machine.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+
+def _path_text(v):
+    """A folder field's value as text: a path as given, a URI kept whole (a
+    Path field would fold `s3://bucket` into `s3:/bucket`)."""
+    return str(v) if isinstance(v, os.PathLike) else v
 
 
 class _Strict(BaseModel):
@@ -48,7 +55,8 @@ def _files_from(data: dict, here: Path) -> None:
     """A run config's input files (`init_checkpoint`, the prompt files of its
     `world`) are named relative to the config file that names them: made
     absolute here, before files that extend each other are merged."""
-    if data.get("init_checkpoint") and not Path(data["init_checkpoint"]).is_absolute():
+    if data.get("init_checkpoint") and "://" not in str(data["init_checkpoint"]) \
+            and not Path(data["init_checkpoint"]).is_absolute():
         data["init_checkpoint"] = str((here / data["init_checkpoint"]).resolve())
     world = data.get("world")
     if isinstance(world, dict):
@@ -637,7 +645,8 @@ class JudgeConfig(_Strict):
 class EdgenServeConfig(_Strict):
     """Edgen inference: the student behind the OpenAI Images API (serve/edgen.py)."""
 
-    checkpoint: Path | None = Field(None, description="student checkpoint folder; None = shipped base")
+    checkpoint: str | None = Field(None, description="student checkpoint folder (a path, or the s3:// URI of one "
+                                   "a run shared); None = shipped base")
     model_name: str = Field("edgen", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     max_n: int = Field(8, ge=1, le=128, description="most images per request")
     max_prompt_chars: int = Field(300, ge=1)
@@ -658,8 +667,12 @@ class EdgenServeConfig(_Strict):
     api_key_env: str | None = Field(None, description="env var holding the bearer token; None = no auth")
     # Hot reload: watch a folder of checkpoints (a run's checkpoints/live or
     # checkpoints/) and switch to the newest complete one; off = pinned.
-    watch_dir: Path | None = Field(None, description="folder whose newest checkpoint subfolder is served")
+    watch_dir: str | None = Field(None, description="folder (a path or s3://...) whose newest checkpoint "
+                                  "subfolder is served")
     watch_every_s: float = Field(5.0, gt=0)
+
+    _paths_as_text = field_validator("checkpoint", "watch_dir", mode="before")(classmethod(
+        lambda cls, v: _path_text(v)))
 
 
 class EvolutionConfig(_Strict):
@@ -681,7 +694,8 @@ class EvolutionConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    run_dir: Path = Path("runs/default")
+    run_dir: str = Field("runs/default", description="the run folder: a path (a shared mount on a cluster) or "
+                         "an object-store folder, s3://bucket/prefix")
     seed: int = 0
     rounds: int = Field(3, ge=1)
     world: WorldConfig = Field(default_factory=ShapesWorldConfig, description="where prompts come from "
@@ -706,7 +720,8 @@ class RunConfig(_Strict):
     serve_proxies: Literal["auto", "HeadOnly", "EveryNode"] = Field(
         "auto", description="where Serve's HTTP proxies run (on loopback, at serve_port): auto = every node "
         "when the judge reaches an in-cluster vLLM over HTTP from its own node, else the head only")
-    init_checkpoint: Path | None = Field(None, description="student to start from; None = shipped base")
+    init_checkpoint: str | None = Field(None, description="student to start from (a folder, or the s3:// URI of "
+                                        "one a run shared); None = shipped base")
     from_scratch: bool = False
     # When to stop before `rounds` (checked after each round; the report is written every time).
     max_wall_s: float | None = Field(None, gt=0, description="stop after the round that ends past this "
@@ -715,6 +730,9 @@ class RunConfig(_Strict):
                                          "accuracy reaches this")
     stop_when_spent: bool = Field(True, description="stop once `budget` or `max_images` leaves nothing to buy "
                                   "(off: keep training and judging on the data bought)")
+
+    _paths_as_text = field_validator("run_dir", "init_checkpoint", mode="before")(classmethod(
+        lambda cls, v: _path_text(v)))
 
     @model_validator(mode="after")
     def _unique_teachers(self) -> "RunConfig":

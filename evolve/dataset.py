@@ -10,7 +10,6 @@ DatasetVersions.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from evolve.storage import fsync_path
+from evolve.storage import atomic_dir, fsync_path  # noqa: F401 - atomic_dir: this module's API too
 from evolve.world import UNKNOWN
 
 if TYPE_CHECKING:
@@ -242,23 +241,6 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return dict(sorted(out.items()))
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path | str):
-    """Write a folder so a reader never sees half of it: fill the yielded
-    temporary folder (`.<name>.tmp`, beside `path`, not yet created); when the
-    block ends it replaces `path`. On an error it is removed, `path` untouched."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -420,6 +420,13 @@ class Ledger:
             return self._checkpoint()
 
     @property
+    def journal_length(self) -> int:
+        """Changes journaled on the mirror since its last snapshot: what a restore replays."""
+        with self._lock:
+            return (int(self._meta(self._con, "mirror_seq") or 0)
+                    - int(self._meta(self._con, "mirror_epoch") or 0))
+
+    @property
     def mirror_seq(self) -> int:
         """The seq of the last journaled change this file holds (0 without a mirror)."""
         with self._lock:

@@ -35,6 +35,7 @@ from evolve.dataset import DatasetVersions, write_json_atomic
 from evolve.evaluation import Evaluator
 from evolve.parts import Parts
 from evolve.run_folder import RunFolder
+from evolve.storage import local_folder
 from evolve.seeds import stable_seed
 from evolve.world import HeldoutPrompt, World
 from evolve.worlds import make_world
@@ -68,6 +69,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     cfg, init, world = resolve(cfg)
     folder = RunFolder(cfg.run_dir)
     folder.check_config(cfg)
+    folder.attach_ledger()
+    if init is not None:
+        init = folder.share_start(init)  # on an object store: where every node loads it from
     if folder.first_unfinished_round() == 0 and DatasetVersions(folder.datasets).latest() is None:
         world.seed_prompts(np.random.default_rng(cfg.seed))  # a bad seed file fails here, not after buying
     return Prepared(cfg, init, world, folder, heldout_prompts(world, folder))
@@ -115,8 +119,9 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
             # 1. Weights: the student after steps_per_round steps on this version.
             with progress.phase("training"):
                 snap = trainer.weights_after(rnd, cfg.train.steps_per_round, folder.checkpoint(rnd))
-            ckpt, waited = str(folder.checkpoint(rnd)), time.time() - t
+            waited = time.time() - t
             label_world(folder.checkpoint(rnd), parts.world)
+            ckpt = folder.share(folder.checkpoint(rnd))  # what the sampler and the next round's workers load
             # 2. Held-out: how good it is now.
             with phases("heldout_s"):
                 acc = evaluator.student(ckpt, rnd)
@@ -135,6 +140,7 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
             row = round_row(rnd, records, plan, stats, added, acc, curator, parts, phases.take(), t,
                             {"trainer_step": snap.get("step"), "waited_for_trainer_s": round(waited, 1)})
             write_json_atomic(folder.round_stats(rnd), row)
+            folder.save_state()  # on an object store: the round's files, its statistics last
             say(f"round {rnd}: held-out {describe(acc)}  student wins {stats.student_win_rate:.0%}  dataset "
                 f"{len(records)} -> +{len(added)} -{len(plan.delete_ids)}  bought {row['images_bought']}  "
                 f"spend ${sum(row['spend'].values()):.2f}{uncertain_part(row)}  ({row['round_s']:.0f} s)")
@@ -158,7 +164,9 @@ def run(cfg: RunConfig, parts: Parts, folder: RunFolder, init: str | None, heldo
     trainer_summary(trainer, folder, say)
     trainer.close()
     with progress.phase("report"):
-        return final_report(cfg, parts, evaluator, folder, time.time() - t0, final, stop, say)
+        report = final_report(cfg, parts, evaluator, folder, time.time() - t0, final, stop, say)
+        folder.save_state()
+        return report
 
 
 # --------------------------------------------------------------------------- before the rounds
@@ -172,7 +180,8 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, str | None, World]:
 
     init = None
     if cfg.init_checkpoint is not None and not cfg.from_scratch:
-        if not Path(cfg.init_checkpoint, "config.json").exists():
+        # A path, or the URI of a committed folder (fetched into this node's cache).
+        if not (local_folder(cfg.init_checkpoint) / "config.json").exists():
             raise FileNotFoundError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
         init = str(cfg.init_checkpoint)
     elif not cfg.from_scratch:
@@ -185,13 +194,14 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, str | None, World]:
         init = str(BASE_CHECKPOINT)
     student = cfg.student
     if init is not None:  # the architecture is the checkpoint's, whatever the config says
-        student = StudentConfig.model_validate_json(Path(init, "config.json").read_text())
-        if not student.is_latent and student.vocabulary is None and Path(init, "tokenizer.json").exists():
+        here = local_folder(init)
+        student = StudentConfig.model_validate_json((here / "config.json").read_text())
+        if not student.is_latent and student.vocabulary is None and (here / "tokenizer.json").exists():
             # The workers build the student before loading its weights: with the checkpoint's words.
             from evolve.student.text import checkpoint_words
 
             student = StudentConfig.model_validate({**student.model_dump(),
-                                                    "vocabulary": checkpoint_words(Path(init, "tokenizer.json"))})
+                                                    "vocabulary": checkpoint_words(here / "tokenizer.json")})
     world = make_world(cfg.world)
     if init is None and not student.is_latent and student.vocabulary is None:
         words = world.vocabulary()
@@ -320,8 +330,9 @@ def final_student(cfg: RunConfig, trainer, evaluator: Evaluator, folder: RunFold
     ckpt = folder.checkpoints / "final"
     snap = trainer.weights_after(last, cfg.train.steps_per_round, ckpt)
     label_world(ckpt, evaluator.parts.world)
-    acc = evaluator.student(str(ckpt), "final")
-    final = {"version": last, "trainer_step": snap.get("step"), "checkpoint": str(ckpt), "heldout": acc,
+    ref = folder.share(ckpt)
+    acc = evaluator.student(ref, "final")
+    final = {"version": last, "trainer_step": snap.get("step"), "checkpoint": ref, "heldout": acc,
              "final_s": round(time.time() - t, 1)}
     write_json_atomic(path, final)
     say(f"final student (v{last:04d}, step {snap.get('step')}): held-out {describe(acc)}")

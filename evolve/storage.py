@@ -32,6 +32,7 @@ may also say `?endpoint_override=host:port&scheme=http&region=...`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -297,6 +298,59 @@ def is_remote(where: Storage | Path | str) -> bool:
     return "://" in text and not text.lower().startswith("file://")
 
 
+def split_ref(ref: Storage | Path | str) -> tuple[Storage, str]:
+    """A folder's path or URI -> (the Storage of its parent, its name)."""
+    st = Storage.at(ref)
+    parent, name = posixpath.split(st.root)
+    if not name:
+        raise ValueError(f"{ref} names no folder below a root")
+    return Storage(st.filesystem, parent, st._query), name
+
+
+def cache_dir() -> Path:
+    """This node's cache of folders fetched from an object store (EVOLVE_CACHE, else ~/.cache/evolve)."""
+    return Path(os.environ.get("EVOLVE_CACHE") or Path.home() / ".cache" / "evolve").expanduser()
+
+
+def local_folder(ref: Path | str) -> Path:
+    """A folder this process can open (a checkpoint, say), named by a path (returned
+    as it is) or by the URI of a folder committed by `upload_dir`: that one is
+    downloaded once into this node's cache, keyed by its URI and its commit
+    marker, so a folder uploaded again is fetched again and two nodes never
+    share a half-written copy."""
+    if not is_remote(ref):
+        return Path(ref)
+    parent, name = split_ref(ref)
+    try:
+        marker = parent.read(f"{name}/{COMMITTED}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{ref} is not a committed folder (no {COMMITTED}): absent, or its upload "
+                                f"did not finish") from None
+    import hashlib
+
+    key = hashlib.sha256(parent.uri(name).encode() + b"\0" + marker).hexdigest()[:24]
+    dest = cache_dir() / "folders" / key / name
+    if not dest.is_dir():
+        tmp = dest.with_name(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        parent.download_dir(name, tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process of this node fetched it first: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def copy_folder(ref: Path | str, dest: Path | str) -> None:
+    """Folder `ref` (a path, or the URI of a committed folder) copied to the
+    local folder `dest`, which is replaced; whole or not at all."""
+    with atomic_dir(dest) as tmp:
+        if is_remote(ref):
+            parent, name = split_ref(ref)
+            parent.download_dir(name, tmp)
+        else:
+            shutil.copytree(ref, tmp)
+
+
 def _s3(bucket: str, options: dict[str, str]) -> pafs.S3FileSystem:
     kwargs: dict = {}
     endpoint = (options.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -349,6 +403,23 @@ def _fsync_dir(path: Path) -> None:
         fsync_path(path)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str):
+    """Write a folder so a reader never sees half of it: fill the yielded
+    temporary folder (`.<name>.tmp`, beside `path`, not yet created); when the
+    block ends it replaces `path`. On an error it is removed, `path` untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def write_atomic(path: Path | str, data: bytes | Callable[[BinaryIO], None]) -> Path:

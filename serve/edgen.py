@@ -72,18 +72,35 @@ def served_sizes(student_config) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def resolve_checkpoint(checkpoint: Path | None) -> Path:
+def resolve_checkpoint(checkpoint: Path | str | None) -> Path | str:
+    """The checkpoint to serve (the shipped base for None): a local folder, or
+    the URI of a committed one on an object store, checked to hold a student."""
+    from evolve.storage import is_remote, local_folder
     from evolve.student.generate import BASE_CHECKPOINT
 
-    path = Path(checkpoint) if checkpoint is not None else BASE_CHECKPOINT
-    if not (path / "config.json").exists():
+    path = checkpoint if checkpoint is not None else BASE_CHECKPOINT
+    if not (local_folder(path) / "config.json").exists():
         raise FileNotFoundError(f"no student checkpoint (config.json) in {path}")
-    return path.resolve()
+    return str(path) if is_remote(path) else Path(path).resolve()
 
 
-def newest_checkpoint(folder: Path | None) -> Path | None:
+def newest_checkpoint(folder: Path | str | None) -> Path | str | None:
     """The newest complete checkpoint folder (holding config.json and weights)
-    under `folder`; half-written ones (".tmp", or without weights) are skipped."""
+    under `folder`; half-written ones (".tmp", or without weights) are skipped.
+    On an object store (`s3://...`): the newest committed subfolder, as its URI."""
+    from evolve.storage import COMMITTED, Storage, is_remote
+
+    if folder is not None and is_remote(folder):
+        st = Storage.at(folder)
+        stamps = {}
+        for name in st.list():
+            try:
+                stamps[name] = json.loads(st.read(f"{name}/{COMMITTED}"))
+            except FileNotFoundError:  # a file, or a folder not (yet) committed
+                continue
+        done = [n for n, m in stamps.items() if "config.json" in m["files"]
+                and any(f.endswith(".safetensors") for f in m["files"])]
+        return st.uri(max(done, key=lambda n: (stamps[n]["ts"], n))) if done else None
     if folder is None or not Path(folder).is_dir():
         return None
     done = [p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -135,8 +152,10 @@ class Edgen:
 
     def _load(self, path: Path | str):
         """(the student on this replica's device, whether its prompts are grammar-checked)."""
+        from evolve.storage import local_folder
         from evolve.student.generate import load_student
 
+        path = local_folder(path)  # a URI's folder: fetched into this node's cache
         grammar = grammar_check_for(self.cfg.grammar_check, path)  # first: a broken world.json loads nothing
         # load_student caches the module: .to() moves the cached one, which is
         # only this replica's (one process, one device).

@@ -19,7 +19,12 @@ def ray_local():
     """One local Ray instance for all integration tests (~5 s to start)."""
     import ray
 
+    from evolve.ray_env import local_worker_env
+
     if not ray.is_initialized():
+        # As evolve.ray_env.connect starts a local instance: torch's collectives on loopback.
+        for k, v in local_worker_env().items():
+            os.environ.setdefault(k, v)
         ray.init(address="local", num_cpus=2, include_dashboard=False,
                  log_to_driver=False)
     yield ray

@@ -20,7 +20,7 @@ def test_config_loads(path):
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "free-text.yaml", "latent-free-text.yaml", "latent-tiny.yaml"])
 def test_runnable_configs_prepare(name, tmp_path):
-    cfg = RunConfig.load(CONFIGS / name).model_copy(update={"run_dir": tmp_path / "run"})
+    cfg = RunConfig.load(CONFIGS / name).model_copy(update={"run_dir": str(tmp_path / "run")})
     ready = prepare(cfg)
     assert ready.heldout and (tmp_path / "run" / "config.json").exists()
     if not ready.cfg.student.is_latent:  # a pixel student knows its words before it is built

@@ -14,6 +14,7 @@ from evolve.dataset import DatasetVersions
 from evolve.ledger import Ledger
 from evolve.loop import main
 from evolve.ray_env import free_port
+from listening import ListeningSockets
 from run_checks import assert_consistent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +52,11 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
     2. the same folder again, its student served at /edgen while it trains, and a
        training worker killed (SIGKILL) mid-run: Ray Train replaces the worker
        group from the last checkpoint, the feed hands the new workers the current
-       data, and the run finishes with every artefact.
+       data, and the run finishes with every artefact. Every socket the run's
+       processes listen on meanwhile is on loopback (tests/listening.py).
     (A finished run given more rounds: tests/test_loop.py.)"""
     cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml").model_copy(
-        update={"run_dir": tmp_path / "run", "serve_port": free_port(), "from_scratch": True, "rounds": 2})
+        update={"run_dir": str(tmp_path / "run"), "serve_port": free_port(), "from_scratch": True, "rounds": 2})
     run = tmp_path / "run"
 
     # 1. The judge replica dies under round 0's requests: Serve replaces it and
@@ -74,7 +76,9 @@ def test_tiny_run_end_to_end_stops_and_resumes(ray_local, tmp_path, monkeypatch)
     # 2. Run again: round 1 and the final student; round 0 is not redone. A training
     # worker is killed once this start has written a snapshot of its own.
     monkeypatch.undo()
-    report = run_killing_a_worker(cfg.model_copy(update={"serve_edgen": True}), run)
+    with ListeningSockets() as sockets:  # and all the while, nothing listens beyond loopback
+        report = run_killing_a_worker(cfg.model_copy(update={"serve_edgen": True}), run)
+    sockets.check()
     assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0, 1]
     assert (run / "rounds" / "round_000.json").read_text() == round0
     assert_consistent(run)

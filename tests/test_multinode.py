@@ -1,9 +1,11 @@
 """A run on a Ray cluster of several nodes on this machine, one of which dies mid-round.
 
 Each node is started with its own resources (cluster.yaml's node types in
-miniature). The run's config places its parts by those
-resources; the teachers' servers run here, outside the cluster, so their
-counts outlive every node.
+miniature). The run's config places its parts by those resources; the
+teachers' servers run here, outside the cluster, so their counts outlive
+every node. The run folder is on an object store (moto's S3 server, here on
+127.0.0.1), as on a cluster whose nodes share no disk: the nodes exchange
+images, features, dataset versions and checkpoints through it alone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 from evolve.ray_env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["s3_server"]
 BIN = Path(sys.executable).parent
 
 
@@ -80,20 +83,29 @@ class LocalCluster:
 
 
 @pytest.mark.integration
-def test_a_worker_node_lost_mid_round_is_survived(tmp_path):
+def test_a_worker_node_lost_mid_round_is_survived(tmp_path, s3_uri, monkeypatch):
     """Head (driver, gateways, trainer feed, Serve's proxy), a training node
     (`train`: both DDP workers) and a judge node (`judge`, `sampling`). The
-    training node is killed whole in the middle of round 1 and a new one
+    training node is killed whole in the middle of round 0 (the one round;
+    the final student still trains after it) and a new one
     joins (as the autoscaler would start one). The run finishes; its dataset
     versions are contiguous, every record's image is there and valid, and
-    the ledger holds exactly what the teachers' servers billed."""
+    the ledger holds exactly what the teachers' servers billed. A driver on
+    a new head then finds the whole run on the store."""
     from run_checks import assert_consistent
 
     from evolve.ledger import Ledger
+    from evolve.run_folder import RunFolder
+    from evolve.storage import Storage
     from serve.teachers import TeacherServersThread
 
+    # The nodes' caches of fetched checkpoints, and the driver's own folder,
+    # apart: what one writes locally the others would not see on a real cluster.
+    monkeypatch.setenv("EVOLVE_CACHE", str(tmp_path / "node-cache"))
+    folder = RunFolder(s3_uri, work=tmp_path / "head-cache" / "runs" / Storage.at(s3_uri).root)
+
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg.update(rounds=2, from_scratch=True)
+    cfg.update(rounds=1, from_scratch=True)
     cfg["train"].update(num_workers=2, worker_resources={"train": 1}, max_failures=3)
     cfg["judge"] = {"resources": {"judge": 1}}
     cfg["sample"].update(resources={"sampling": 1})
@@ -107,15 +119,16 @@ def test_a_worker_node_lost_mid_round_is_survived(tmp_path):
             cfg["teachers"] = [{**t, "kind": "openai", "base_url": urls[t["name"]], "model": t["name"]}
                                for t in cfg["teachers"]]
             (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-            run = tmp_path / "run"
+            run = folder.root  # the driver's files, on its node
             env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": cluster.address,
-                   "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{cluster.dashboard}"}
+                   "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{cluster.dashboard}",
+                   "EVOLVE_CACHE": str(tmp_path / "head-cache")}
             with open(tmp_path / "driver.log", "wb") as log:
                 driver = subprocess.Popen([str(BIN / "evolve"), "run", "--config", str(tmp_path / "run.yaml"),
-                                           "--run-dir", str(run), "--serve-port", str(free_port())],
+                                           "--run-dir", s3_uri, "--serve-port", str(free_port())],
                                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                # The middle of round 1: its weights trained, the student being judged.
-                until(lambda: (run / "verdicts" / "judge_001.json").exists() or driver.poll() is not None, 300)
+                # The middle of round 0: its weights trained, the student being judged.
+                until(lambda: (run / "verdicts" / "judge_000.json").exists() or driver.poll() is not None, 300)
                 assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
                 cluster.kill("train")
                 cluster.start("train-2", 1, {"train": 2})
@@ -132,10 +145,21 @@ def test_a_worker_node_lost_mid_round_is_survived(tmp_path):
     assert [p.split(":")[0] for p in placed["judge"]] == ["judge"], placed
     assert placed["gateways"] == placed["feed"] == ["head"], placed
     report = json.loads((run / "report.json").read_text())
-    assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0, 1]
-    assert json.loads((run / "rounds" / "final_v0002.json").read_text())["version"] == 2
-    assert_consistent(run)
-    assert len(Ledger(run / "ledger.sqlite")) == billed > 0
+    assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0]
+    assert json.loads((run / "rounds" / "final_v0001.json").read_text())["version"] == 1
+    assert_consistent(folder)
+    assert len(Ledger(folder.ledger)) == billed > 0
+    # What the nodes shared went through the store, not the driver's disk.
+    assert not any((run / p).exists() for p in ("images", "features", "datasets", "ray_train")), list(run.iterdir())
+    store = Storage.at(s3_uri)
+    assert all(store.committed(f"checkpoints/{c}") for c in ("round_000", "final"))
+    assert any(p.endswith(".safetensors") for p in store.walk("ray_train"))  # Ray Train's checkpoints
+    # A driver on a new head (its disk empty) gets the run back from the store.
+    new = RunFolder(s3_uri, work=tmp_path / "new-head")
+    assert new.pull_state() > 0 and new.first_unfinished_round() == 1
+    assert json.loads(new.report.read_text())["stopped"] == "rounds"
+    new.attach_ledger()  # restored from its mirror
+    assert len(Ledger(new.ledger)) == billed
 
 
 def until(cond, timeout_s: float) -> None:

@@ -72,7 +72,7 @@ def test_a_run_asking_for_a_resource_no_node_has_fails_at_start(ray_local, tmp_p
     from evolve.loop import main
 
     cfg = RunConfig.load(ROOT / "configs" / "tiny.yaml")
-    cfg = cfg.model_copy(update={"run_dir": tmp_path / "run", "from_scratch": True,
+    cfg = cfg.model_copy(update={"run_dir": str(tmp_path / "run"), "from_scratch": True,
                                  "train": cfg.train.model_copy(update={"worker_resources": {"train": 1}})})
     t = time.time()
     with pytest.raises(PlacementError, match=r"train \(the training workers.*'train' 1: no node type offers it"):

@@ -31,7 +31,7 @@ class VersionRecords:
     read tasks read the Parquet file (each its own slice); the driver plans
     them from the manifest's record count without reading anything."""
 
-    def __new__(cls, path: str, num_records: int, pad: int):
+    def __new__(cls, filesystem, path: str, num_records: int, pad: int):
         from ray.data.block import BlockMetadata
         from ray.data.datasource import Datasource, ReadTask
 
@@ -44,19 +44,20 @@ class VersionRecords:
                 blocks = max(1, -(-n // ROWS_PER_BLOCK))
                 step = -(-n // blocks)
                 spans = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-                return [ReadTask(lambda lo=lo, hi=hi: [_read_rows(path, num_records, lo, hi)],
+                return [ReadTask(lambda lo=lo, hi=hi: [_read_rows(filesystem, path, num_records, lo, hi)],
                                  BlockMetadata(num_rows=hi - lo, size_bytes=None, input_files=[path],
                                                exec_stats=None)) for lo, hi in spans]
 
         return _VersionRecords()
 
 
-def _read_rows(path: str, num_records: int, lo: int, hi: int):
-    """Rows lo..hi of the version's records, past its end wrapping to its start."""
+def _read_rows(filesystem, path: str, num_records: int, lo: int, hi: int):
+    """Rows lo..hi of the version's records (`path` in the pyarrow `filesystem`:
+    local, or the run folder's object store), past its end wrapping to its start."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    t = pq.read_table(path, columns=["prompt", "image_ref"])
+    t = pq.read_table(path, columns=["prompt", "image_ref"], filesystem=filesystem)
     parts = [t.slice(lo, max(0, min(hi, num_records) - lo))]
     if hi > num_records:
         parts.append(t.slice(max(lo, num_records) - num_records, hi - max(lo, num_records)))
@@ -70,11 +71,11 @@ def version_dataset(cfg, folder, version: int, num_records: int, pad: int = 0):
     iterating it reads the records and loads their images (or features)."""
     import ray
 
-    path = str(DatasetVersions(folder.datasets).parquet_path(version))
+    filesystem, path = DatasetVersions(folder.datasets).parquet_source(version)
     # Our own datasource, not read_parquet: Ray 2.60's Parquet readers list or
     # inspect the files in tasks of a whole CPU, which on 2 CPUs beside the
     # trainers wait forever; these read tasks take the CPU share asked for.
-    ds = ray.data.read_datasource(VersionRecords(path, num_records, pad), num_cpus=DATA_TASK_CPUS)
+    ds = ray.data.read_datasource(VersionRecords(filesystem, path, num_records, pad), num_cpus=DATA_TASK_CPUS)
     # Workers read their rows in one go; an open progress bar would only repeat
     # itself in the logs for as long as the version is trained on.
     ds.context.enable_progress_bars = False

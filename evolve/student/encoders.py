@@ -26,17 +26,21 @@ Image refs are content hashes, so a latent names its image forever; a rerun
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from functools import lru_cache
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
 from evolve.config import EncoderConfig
-from evolve.store import ImageStore, write_atomic
+from evolve.store import ImageStore
+
+if TYPE_CHECKING:
+    from evolve.storage import Storage
 
 # T5's own special-token ids (pad 0, eos 1, unk 2), kept by the tiny tokenizer
 # so the tiny and real text paths agree on what padding looks like.
@@ -240,72 +244,99 @@ def prompt_key(prompt: str) -> str:
 
 
 class FeatureStore:
-    """Precomputed latents (by image ref) and prompt embeddings (by prompt)."""
+    """Precomputed latents (by image ref) and prompt embeddings (by prompt),
+    under `root`: a local folder (a shared mount is one) or a folder of an
+    object store (an `s3://` URI or a `Storage`), read and written by Ray
+    Data's tasks on any node. Each file is written whole (a renamed temp file;
+    one PUT) and never changes: a ref or a prompt names its features forever."""
 
     META = "encoders.json"
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path | str | Storage) -> None:
+        from evolve.storage import open_root
 
-    def latent_path(self, ref: str) -> Path:
+        self.storage, self.root, self._local = open_root(root)
+
+    @staticmethod
+    def latent_rel(ref: str) -> str:
         # Refs become file names: only ImageStore's digests, so no "/" or "..".
         if not isinstance(ref, str) or not _IMAGE_REF.match(ref):
             raise ValueError(f"not an image ref (64 lower-case hex digits), refusing it as a file name: {ref!r}")
-        return self.root / "latents" / f"{ref}.npy"
+        return f"latents/{ref}.npy"
 
-    def text_path(self, prompt: str) -> Path:
-        return self.root / "text" / f"{prompt_key(prompt)}.npz"
+    @staticmethod
+    def text_rel(prompt: str) -> str:
+        return f"text/{prompt_key(prompt)}.npz"
+
+    def _name(self, rel: str) -> Path | str:
+        return self.root / rel if self._local else self.storage.uri(rel)
+
+    def latent_path(self, ref: str) -> Path | str:
+        """Where image `ref`'s latent is: a local path, or its URI on an object store."""
+        return self._name(self.latent_rel(ref))
+
+    def text_path(self, prompt: str) -> Path | str:
+        return self._name(self.text_rel(prompt))
 
     def has_latent(self, ref: str) -> bool:
-        return self.latent_path(ref).is_file()
+        return self.storage.exists(self.latent_rel(ref))
 
     def has_text(self, prompt: str) -> bool:
-        return self.text_path(prompt).is_file()
+        return self.storage.exists(self.text_rel(prompt))
 
-    def put_latent(self, ref: str, latent: np.ndarray) -> Path:
-        path = self.latent_path(ref)
-        if not path.is_file():  # a ref names its image forever: the latent never changes
-            write_atomic(path, lambda f: np.save(f, np.asarray(latent), allow_pickle=False))
-        return path
+    def _put(self, rel: str, save) -> None:
+        if not self.storage.exists(rel):  # a ref names its image forever: the features never change
+            buf = io.BytesIO()
+            save(buf)
+            self.storage.write_atomic(rel, buf.getvalue())
+
+    def put_latent(self, ref: str, latent: np.ndarray) -> Path | str:
+        self._put(self.latent_rel(ref), lambda f: np.save(f, np.asarray(latent), allow_pickle=False))
+        return self.latent_path(ref)
+
+    def _read(self, rel: str, what: str) -> io.BytesIO:
+        try:
+            return io.BytesIO(self.storage.read(rel))
+        except FileNotFoundError:
+            raise KeyError(f"no {what} in {self.root}") from None
 
     def get_latent(self, ref: str) -> np.ndarray:
-        try:
-            return np.load(self.latent_path(ref), allow_pickle=False)
-        except FileNotFoundError:
-            raise KeyError(f"no latent for image {ref} in {self.root}") from None
+        return np.load(self._read(self.latent_rel(ref), f"latent for image {ref}"), allow_pickle=False)
 
-    def put_text(self, prompt: str, emb: np.ndarray, mask: np.ndarray) -> Path:
-        path = self.text_path(prompt)
-        if not path.is_file():
-            write_atomic(path, lambda f: np.savez(f, emb=np.asarray(emb), mask=np.asarray(mask, bool),
-                                                   prompt=np.array(prompt)))
-        return path
+    def latent_shape(self, ref: str) -> tuple[int, ...]:
+        """A stored latent's shape, from its .npy header alone."""
+        rel = self.latent_rel(ref)
+        with self.storage.filesystem.open_input_file(self.storage.path(rel)) as f:
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, _, _ = read_header(f)
+        return tuple(shape)
+
+    def put_text(self, prompt: str, emb: np.ndarray, mask: np.ndarray) -> Path | str:
+        self._put(self.text_rel(prompt), lambda f: np.savez(f, emb=np.asarray(emb), mask=np.asarray(mask, bool),
+                                                             prompt=np.array(prompt)))
+        return self.text_path(prompt)
 
     def get_text(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """-> (emb (max_tokens, D), mask (max_tokens,) bool)."""
-        try:
-            with np.load(self.text_path(prompt), allow_pickle=False) as z:
-                if str(z["prompt"]) != prompt:  # a 96-bit collision: never expected, never silent
-                    raise ValueError(f"{self.text_path(prompt)} holds {str(z['prompt'])!r}, not {prompt!r}")
-                return z["emb"], z["mask"]
-        except FileNotFoundError:
-            raise KeyError(f"no text embedding for {prompt!r} in {self.root}") from None
+        with np.load(self._read(self.text_rel(prompt), f"text embedding for {prompt!r}"), allow_pickle=False) as z:
+            if str(z["prompt"]) != prompt:  # a 96-bit collision: never expected, never silent
+                raise ValueError(f"{self.text_path(prompt)} holds {str(z['prompt'])!r}, not {prompt!r}")
+            return z["emb"], z["mask"]
 
     def claim(self, cfg: EncoderConfig) -> None:
         """Record which encoders write here, or refuse if others already did:
         latents of two VAEs in one store would train a student on a mixture."""
-        meta = self.root / self.META
         ident = cfg.identity()
-        if meta.is_file():
-            have = json.loads(meta.read_text())
+        if self.storage.exists(self.META):
+            have = json.loads(self.storage.read(self.META))
             if have != ident:
                 diff = {k: (have.get(k), v) for k, v in ident.items() if have.get(k) != v}
                 raise ValueError(f"features in {self.root} were made by other encoders "
                                  f"(field: (stored, this config)): {diff}")
             return
-        # Concurrent claimants write the same text, so the last rename is harmless.
-        write_atomic(meta, lambda f: f.write(json.dumps(ident, indent=2, sort_keys=True).encode()))
+        # Concurrent claimants write the same text, so the last write is harmless.
+        self.storage.write_atomic(self.META, json.dumps(ident, indent=2, sort_keys=True).encode())
 
 
 # -- image sizes -------------------------------------------------------------------------
@@ -391,7 +422,7 @@ def encode_missing(batch: dict[str, np.ndarray], store: FeatureStore, images: Im
 
     new_r, new_p = set(new_refs), set(new_prompts)
     for r in set(refs) - shapes.keys():  # stored before: its .npy header says (mmap reads nothing else)
-        shapes[r] = np.load(store.latent_path(r), mmap_mode="r", allow_pickle=False).shape[-2:]
+        shapes[r] = store.latent_shape(r)[-2:]
     return {
         "prompt": np.array(prompts, dtype=object),
         "image_ref": np.array(refs, dtype=object),

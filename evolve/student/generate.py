@@ -23,8 +23,11 @@ def _load(path: str, mtime: float, ema: bool):
 
 def load_student(checkpoint_dir: str | Path, ema: bool = True):
     """Load (and cache, keyed by path and weights' mtime) a checkpoint: a
-    Student or a LatentStudent, as its config.json says."""
-    d = Path(checkpoint_dir).resolve()
+    Student or a LatentStudent, as its config.json says. A URI (a run folder
+    on an object store) is fetched into this node's cache first."""
+    from evolve.storage import local_folder
+
+    d = local_folder(checkpoint_dir).resolve()
     mtimes = [p.stat().st_mtime for p in d.glob("*.safetensors")]
     if not mtimes:
         raise FileNotFoundError(f"no student checkpoint in {d}")

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -322,7 +322,7 @@ class Worker:
             os.nice(tcfg.worker_nice)
         torch.set_num_threads(int(config.get("threads", tcfg.torch_threads)))
         self.features = config.get("features")
-        self.snapshot_dir = Path(config["snapshot_dir"]) if config.get("snapshot_dir") else None
+        self.snapshot_dir = config.get("snapshot_dir")  # a path, or a folder of an object store
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -385,8 +385,10 @@ class Worker:
                 state, saved = from_dir(d)
             self.step = int(state.get("step", 0))
             return state, saved
-        if init_checkpoint:
-            return from_dir(init_checkpoint)
+        if init_checkpoint:  # a path, or the URI of a run's shared checkpoint (fetched to this node)
+            from evolve.storage import local_folder
+
+            return from_dir(local_folder(init_checkpoint))
         return {}, None
 
     def make_batches(self, replay_rows: list[list[dict]] | None) -> "Batches":
@@ -431,7 +433,6 @@ class Worker:
         from evolve.student.feed import FeedClient
 
         self.feed = FeedClient(feed, self.rank)
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         window = self.new_window()
         while True:
             if self.version is None or self.step % self.tcfg.poll_every == 0:
@@ -508,14 +509,29 @@ class Worker:
         renames); every rank reports it as a Ray Train checkpoint too, a resume point."""
         metrics, full = self.progress(), self.gathered()
         if self.rank == 0:
-            final = self.snapshot_dir / f"step_{self.step:07d}"
-            with atomic_dir(final) as tmp:
-                save_weights(tmp, self.student, self.ema, full)
-            for old in sorted(self.snapshot_dir.glob("step_*"))[:-self.tcfg.keep_snapshots]:
-                shutil.rmtree(old, ignore_errors=True)
-            self.feed.snapshot(self.step, str(final), {**metrics, "version": self.version})
+            final = self.write_snapshot(f"step_{self.step:07d}", full)
+            self.feed.snapshot(self.step, final, {**metrics, "version": self.version})
         self.report(metrics, True, full)
         self.checkpointed = True
+
+    def write_snapshot(self, name: str, full: dict | None) -> str:
+        """The EMA weights as folder `name` of snapshot_dir, whole or not at all
+        (locally renamed into place; on an object store committed by a marker
+        written last); the oldest beyond keep_snapshots removed. -> its path or URI."""
+        from evolve.storage import Storage
+
+        folder = Storage.at(self.snapshot_dir)
+        if folder.is_local:
+            folder.local_path().mkdir(parents=True, exist_ok=True)
+            with atomic_dir(folder.local_path(name)) as tmp:
+                save_weights(tmp, self.student, self.ema, full)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_weights(tmp, self.student, self.ema, full)
+                folder.upload_dir(tmp, name)
+        for old in [n for n in folder.list() if n.startswith("step_")][:-self.tcfg.keep_snapshots]:
+            folder.delete_dir(old)
+        return folder.uri(name)
 
     def report(self, metrics: dict, with_checkpoint: bool, full: dict | None = None) -> None:
         """`ray.train.report` on every rank; with a checkpoint, rank 0 writes it
@@ -563,6 +579,27 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # -- driver side -----------------------------------------------------------------------
+def _where(folder: str | Path | None) -> str | None:
+    """A folder the workers open: an absolute path, or a URI as it is."""
+    from evolve.storage import is_remote
+
+    if folder is None:
+        return None
+    return str(folder) if is_remote(folder) else str(Path(folder).resolve())
+
+
+def train_storage(storage_path: str | Path) -> dict:
+    """Ray Train's RunConfig storage for a path or an object-store folder: on an
+    object store the filesystem is passed in (`storage_filesystem`, with the
+    path inside it), so its endpoint and region are the run folder's own."""
+    from evolve.storage import Storage, is_remote
+
+    if not is_remote(storage_path):
+        return {"storage_path": str(Path(storage_path).resolve())}
+    st = Storage.at(storage_path)
+    return {"storage_path": st.path(), "storage_filesystem": st.filesystem}
+
+
 def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, steps: int | None,
                 storage_path: str | Path, name: str, init_checkpoint: str | Path | None = None,
                 out_dir: str | Path | None = None, feed: str | None = None,
@@ -589,6 +626,9 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from evolve.ray_env import train_torch_config
+    from evolve.storage import is_remote
+
     if (feed is None) == (dataset is None):
         raise ValueError("fit_student needs either a dataset or a feed, not both")
     if feed is not None and snapshot_dir is None:
@@ -598,6 +638,7 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
 
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=train_torch_config(),  # on a local instance, the DDP rendezvous on loopback only
         train_loop_config={
             "student": student_cfg.model_dump(mode="json"),
             "train": train_cfg.model_dump(mode="json"),
@@ -605,15 +646,15 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
             "threads": train_cfg.torch_threads,
             "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
             "feed": feed,
-            "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
-            "features": str(Path(features).resolve()) if features else None,
+            "snapshot_dir": _where(snapshot_dir),
+            "features": _where(features),
             "replay": replay,
         },
         scaling_config=ScalingConfig(
             num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
             resources_per_worker={"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if train_cfg.use_gpu else {}),
                                   **train_cfg.worker_resources}),
-        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
+        run_config=RunConfig(**train_storage(storage_path), name=name,
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
         datasets=None if dataset is None else {"train": dataset},
     )
@@ -624,6 +665,11 @@ def fit_student(dataset, *, student_cfg: StudentConfig, train_cfg: TrainConfig, 
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     src = result.checkpoint.path
     if out_dir is None:
+        if is_remote(storage_path):  # its URI (a Ray Train checkpoint: ray.train.Checkpoint reads it)
+            from evolve.storage import Storage
+
+            st = Storage.at(storage_path)
+            return st.uri(posixpath.relpath(src, st.root))
         return str(src)
     with atomic_dir(out_dir) as tmp:
         result.checkpoint.to_directory(str(tmp))
