@@ -153,7 +153,8 @@ def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_pa
     it stops with a report. `kill -9` of the driver in the middle of round 1
     (the student judged, the new prompts not yet all bought). Then
     `evolve run --resume`: the run finishes from where it stopped, consistent, and the
-    ledger holds exactly the images the teachers' servers billed. The teachers
+    ledger accounts for every image the teachers' servers billed (bought, or a call
+    the kill left uncertain). The teachers
     run here, outside the cluster, so their counts outlive the driver."""
     from run_checks import assert_consistent
 
@@ -208,7 +209,12 @@ def test_driver_killed_mid_round_resumes_and_pays_nothing_twice(ray_head, tmp_pa
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         billed = sum(s["images"] for s in servers.stats().values())
     assert_consistent(run_dir)
-    assert len(Ledger(run_dir / "ledger.sqlite")) == billed
+    # A call in flight when the driver was killed is `uncertain` in the ledger: its row
+    # went in before the request went out, and whether the server billed it nobody knows
+    # (these APIs have no idempotency). It is counted in the spend and, on_uncertain
+    # "skip", never sent again; every other image billed is a bought row, once.
+    totals = Ledger(run_dir / "ledger.sqlite").totals()
+    assert totals.images <= billed <= totals.images + totals.uncertain_calls, (billed, totals)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["stopped"] == "rounds" and [r["round"] for r in report["rounds"]] == [0, 1]
     final = report["student"]["final"]
