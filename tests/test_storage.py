@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from test_dataset import rec
+from run_checks import noted_calls, write_purchases
 from test_store_ledger import PNG, assert_totals_match
 
 from evolve.dataset import DatasetVersions
@@ -406,24 +407,11 @@ def test_a_crash_between_put_and_commit(s3_uri, tmp_path, monkeypatch):
     reopened.close()
 
 
-def _burst(path: str, mirror: str, progress: str) -> None:
-    led = Ledger(path, mirror=mirror)
-    with open(progress, "a") as f:
-        for i in range(100_000):
-            call = led.begin("aurora", f"a circle {i}", i, 32, 0.01)
-            f.write(f"begun {call}\n")
-            f.flush()
-            led.record({"teacher": "aurora", "prompt": f"a circle {i}", "seed": i, "size": 32,
-                        "ref": f"{i:064x}", "price": 0.01, "call": call})
-            f.write(f"bought {call}\n")
-            f.flush()
-
-
 def test_a_killed_writer_loses_nothing_that_returned(s3_uri, tmp_path):
     mirror = s3_uri + "/ledger"
     path, progress = tmp_path / "ledger.sqlite", tmp_path / "progress.txt"
     Ledger(path, mirror=mirror).close()
-    child = multiprocessing.get_context("spawn").Process(target=_burst, args=(str(path), mirror, str(progress)))
+    child = multiprocessing.get_context("spawn").Process(target=write_purchases, args=(str(path), str(progress), mirror))
     child.start()
     deadline = time.time() + 60
     while time.time() < deadline and (not progress.exists() or progress.read_text().count("bought") < 40):
@@ -431,9 +419,7 @@ def test_a_killed_writer_loses_nothing_that_returned(s3_uri, tmp_path):
     os.kill(child.pid, signal.SIGKILL)
     child.join(60)
     assert child.exitcode == -signal.SIGKILL
-    done = [line.split() for line in progress.read_text().splitlines()]
-    begun = [int(c) for what, c in done if what == "begun"]
-    bought = [int(c) for what, c in done if what == "bought"]
+    begun, bought = noted_calls(progress)
     assert len(bought) >= 40
     _drop(path)  # and the head node with it
     led = Ledger(tmp_path / "elsewhere.sqlite", mirror=mirror)

@@ -17,6 +17,7 @@ import pytest
 
 from evolve.ledger import CALL_STATES, Ledger, LedgerCorrupt, Totals, khash
 from evolve.store import ImageStore
+from run_checks import noted_calls, write_purchases
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
 
@@ -281,29 +282,13 @@ def test_processes_share_one_ledger(tmp_path):
     assert_totals_match(led)
 
 
-def _burst(path: str, progress: str, die_in_transaction_after: int | None) -> None:
-    led = Ledger(path)
-    with open(progress, "a") as f:
-        for i in range(100_000):
-            if i == die_in_transaction_after:
-                def die(*args):  # the row is written, its totals not yet: the process dies
-                    os._exit(3)
-                Ledger._bump = staticmethod(die)
-            call = led.begin("aurora", f"a circle {i}", i, 32, 0.01)
-            f.write(f"begun {call}\n")
-            f.flush()
-            led.record({"teacher": "aurora", "prompt": f"a circle {i}", "seed": i, "size": 32,
-                        "ref": f"{i:064x}", "price": 0.01, "call": call})
-            f.write(f"bought {call}\n")
-            f.flush()
-
-
 @pytest.mark.parametrize("how", ["sigkill", "exit_in_transaction"])
 def test_a_crash_mid_burst_leaves_every_committed_row(tmp_path, how):
     path, progress = tmp_path / "ledger.sqlite", tmp_path / "progress.txt"
     Ledger(path).close()
     ctx = multiprocessing.get_context("spawn")
-    child = ctx.Process(target=_burst, args=(str(path), str(progress), 150 if how != "sigkill" else None))
+    child = ctx.Process(target=write_purchases, args=(str(path), str(progress), None,
+                                                      150 if how != "sigkill" else None))
     child.start()
     if how == "sigkill":
         deadline = time.time() + 60
@@ -312,9 +297,7 @@ def test_a_crash_mid_burst_leaves_every_committed_row(tmp_path, how):
         os.kill(child.pid, signal.SIGKILL)
     child.join(60)
     assert child.exitcode == (-signal.SIGKILL if how == "sigkill" else 3)
-    done = [line.split() for line in progress.read_text().splitlines()]
-    begun = [int(c) for what, c in done if what == "begun"]
-    bought = [int(c) for what, c in done if what == "bought"]
+    begun, bought = noted_calls(progress)
     assert len(bought) >= 100
     led = Ledger(path)
     con = sqlite3.connect(path)
