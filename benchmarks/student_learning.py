@@ -3,13 +3,18 @@
     python benchmarks/student_learning.py [--minutes 1 2 5 10] [--threads 2]
         [--student '{"prediction_type": "v_prediction"}'] [--train '{"lr": 2e-3}']
         [--pool 12000] [--seeds 2] [--save DIR] [--at-steps 200 400 1000 2000]
+        [--guidance 1 2 4] [--load DIR]
 
 Single process, no Ray. Trains on a pool of reference renders (all six
 categories equally, random prompts from the grammar), with the same loss,
 optimiser, warm-up, grad clipping and EMA as the Ray loop. At each mark (in
 minutes of training time, evaluation excluded) it samples the held-out prompts
 (`heldout_prompts()`, `--seeds` seeds each) with the EMA weights and prints
-the scorer's accuracy overall and per category.
+the scorer's accuracy overall and per category, and how many images failed
+each of the scorer's checks (objects, shapes, colors, position): what limits
+the student. `--guidance` evaluates each mark at several guidance scales;
+`--load DIR` only evaluates a saved checkpoint (e.g. at other `--sample`
+steps). Results: benchmarks/results/student_recipe.md.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=12000, help="reference renders to train on")
     ap.add_argument("--seeds", type=int, default=2, help="samples per held-out prompt")
     ap.add_argument("--save", default=None, help="save the final checkpoint here")
+    ap.add_argument("--guidance", type=float, nargs="+", default=None,
+                    help="evaluate at each of these guidance scales (default: --sample's)")
+    ap.add_argument("--load", default=None, help="no training: evaluate this checkpoint (EMA weights)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     scfg = StudentConfig(**{"vocabulary": tuple(vocabulary()), **json.loads(args.student)})
@@ -66,6 +74,9 @@ def main() -> None:
     print(f"{'min':>5s} {'step':>6s} {'s/step':>7s} {'loss':>7s} {'acc':>6s}  " +
           " ".join(f"{c[:10]:>10s}" for c in CATEGORIES), flush=True)
 
+    if args.load:
+        evaluate(Student.from_pretrained(args.load), held, seeds, smp, args.guidance, "loaded", 0, 0.0, [0.0])
+        return
     gen = torch.Generator().manual_seed(tcfg.seed)
     by_steps = args.at_steps is not None
     marks = sorted(args.at_steps if by_steps else args.minutes)
@@ -90,12 +101,20 @@ def main() -> None:
             marks.pop(0)
             evaluated = copy.deepcopy(student)
             ema.copy_to(evaluated)
-            rep = score(held, list(sample(evaluated, held, seeds, smp)))
-            print(f"{train_s / 60:5.1f} {step:6d} {train_s / step:7.3f} {np.mean(losses[-50:]):7.4f} "
-                  f"{rep.overall:6.3f}  " + " ".join(f"{rep.per_category.get(c, 0):10.3f}" for c in CATEGORIES),
-                  flush=True)
+            evaluate(evaluated, held, seeds, smp, args.guidance, f"{train_s / 60:5.1f}", step, train_s, losses)
     if args.save:
         evaluated.save_pretrained(args.save)
+
+
+def evaluate(student, held, seeds, smp, guidances, mark, step, train_s, losses) -> None:
+    """One line per guidance scale: accuracy overall and per category, and how
+    many images failed each of the scorer's checks (what limits the student)."""
+    for g in guidances or [smp.guidance]:
+        rep = score(held, list(sample(student, held, seeds, smp.model_copy(update={"guidance": g}))))
+        print(f"{mark:>5s} {step:6d} {train_s / max(step, 1):7.3f} {np.mean(losses[-50:]):7.4f} "
+              f"{rep.overall:6.3f}  " + " ".join(f"{rep.per_category.get(c, 0):10.3f}" for c in CATEGORIES)
+              + f"  steps={smp.steps} g={g:g} fails {json.dumps(rep.per_check_failures, sort_keys=True)}",
+              flush=True)
 
 
 if __name__ == "__main__":
